@@ -1,0 +1,189 @@
+//! Peer states: what keepalive can tell about the other end of a connection.
+
+use std::fmt;
+
+/// The peer of one keepalive connection, as far as keepalive can tell.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum PeerState {
+    /// Probes are answered (or none was needed yet).
+    Alive,
+    /// Probes are outstanding now: `outstanding` of at most `limit`.
+    Probing { outstanding: u32, limit: u32 },
+    /// Keepalive timed out with ETIMEDOUT: the peer crashed, is powered off, or the network
+    /// silently drops packets (the host cannot tell these apart).
+    Dead,
+    /// The peer answered a probe with RST: it crashed, came back and lost the connection.
+    Rebooted,
+    /// Keepalive timed out with an ICMP error recorded (EHOSTUNREACH, ENETUNREACH, ...).
+    Unreachable,
+    /// Ended by an RST that was not an answer to a probe (e.g. a middlebox dropping idle flows).
+    Reset,
+    /// Ended by something other than keepalive or an RST (a normal close).
+    Closed,
+}
+
+impl PeerState {
+    /// The name used in logs, metrics and the API.
+    pub fn name(&self) -> &'static str {
+        match self {
+            PeerState::Alive => "alive",
+            PeerState::Probing { .. } => "probing",
+            PeerState::Dead => "dead",
+            PeerState::Rebooted => "rebooted",
+            PeerState::Unreachable => "unreachable",
+            PeerState::Reset => "reset",
+            PeerState::Closed => "closed",
+        }
+    }
+
+    /// True for the states a connection ends in.
+    pub fn is_final(&self) -> bool {
+        !matches!(self, PeerState::Alive | PeerState::Probing { .. })
+    }
+}
+
+impl fmt::Display for PeerState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PeerState::Probing { outstanding, limit } => write!(f, "probing {outstanding}/{limit}"),
+            other => f.write_str(other.name()),
+        }
+    }
+}
+
+/// The state of a live connection after a keepalive timer run.
+pub fn live_state(probes_outstanding: u32, probe_limit: u32) -> PeerState {
+    if probes_outstanding == 0 {
+        PeerState::Alive
+    } else {
+        PeerState::Probing {
+            outstanding: probes_outstanding,
+            limit: probe_limit,
+        }
+    }
+}
+
+/// How a connection ended.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Ending {
+    /// The keepalive timer closed it (keepalive timeout or TCP_USER_TIMEOUT).
+    pub by_keepalive_timer: bool,
+    /// sk_err at the close (errno), 0 when none.
+    pub error: i32,
+    /// An RST arrived.
+    pub reset_received: bool,
+    /// ... while a probe was outstanding, or during a timer run (the peer answered a probe).
+    pub reset_during_probe: bool,
+}
+
+/// The final peer state of an ended connection.
+pub fn outcome(ending: &Ending) -> PeerState {
+    if ending.reset_received && ending.reset_during_probe {
+        return PeerState::Rebooted;
+    }
+    if ending.by_keepalive_timer && ending.error != 0 {
+        return if ending.error == libc::ETIMEDOUT {
+            PeerState::Dead
+        } else {
+            PeerState::Unreachable
+        };
+    }
+    if ending.reset_received {
+        return PeerState::Reset;
+    }
+    PeerState::Closed
+}
+
+/// The errno's symbolic name, for logs ("ETIMEDOUT"), or its number.
+pub fn errno_name(error: i32) -> String {
+    let name = match error {
+        0 => "none",
+        libc::ETIMEDOUT => "ETIMEDOUT",
+        libc::ECONNRESET => "ECONNRESET",
+        libc::EHOSTUNREACH => "EHOSTUNREACH",
+        libc::ENETUNREACH => "ENETUNREACH",
+        libc::EHOSTDOWN => "EHOSTDOWN",
+        libc::ENETDOWN => "ENETDOWN",
+        libc::ECONNREFUSED => "ECONNREFUSED",
+        libc::EPIPE => "EPIPE",
+        libc::EPROTO => "EPROTO",
+        libc::ECONNABORTED => "ECONNABORTED",
+        libc::EMSGSIZE => "EMSGSIZE",
+        other => return other.to_string(),
+    };
+    name.to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keepalive_timeout_without_icmp_is_dead() {
+        let ending = Ending {
+            by_keepalive_timer: true,
+            error: libc::ETIMEDOUT,
+            ..Ending::default()
+        };
+        assert_eq!(outcome(&ending), PeerState::Dead);
+    }
+
+    #[test]
+    fn keepalive_timeout_with_icmp_error_is_unreachable() {
+        for error in [libc::EHOSTUNREACH, libc::ENETUNREACH, libc::EHOSTDOWN] {
+            let ending = Ending {
+                by_keepalive_timer: true,
+                error,
+                ..Ending::default()
+            };
+            assert_eq!(
+                outcome(&ending),
+                PeerState::Unreachable,
+                "{}",
+                errno_name(error)
+            );
+        }
+    }
+
+    #[test]
+    fn rst_answering_a_probe_is_rebooted() {
+        let ending = Ending {
+            error: libc::ECONNRESET,
+            reset_received: true,
+            reset_during_probe: true,
+            ..Ending::default()
+        };
+        assert_eq!(outcome(&ending), PeerState::Rebooted);
+        // Also when the RST arrived inside the timer run that sent the probe.
+        let in_run = Ending {
+            by_keepalive_timer: true,
+            ..ending
+        };
+        assert_eq!(outcome(&in_run), PeerState::Rebooted);
+    }
+
+    #[test]
+    fn rst_while_idle_is_reset_and_plain_close_is_closed() {
+        let reset = Ending {
+            reset_received: true,
+            error: libc::ECONNRESET,
+            ..Ending::default()
+        };
+        assert_eq!(outcome(&reset), PeerState::Reset);
+        assert_eq!(outcome(&Ending::default()), PeerState::Closed);
+        // An orphaned FIN_WAIT2 socket closed by the timer without error is a normal close.
+        let fin_wait = Ending {
+            by_keepalive_timer: true,
+            ..Ending::default()
+        };
+        assert_eq!(outcome(&fin_wait), PeerState::Closed);
+    }
+
+    #[test]
+    fn live_states() {
+        assert_eq!(live_state(0, 9), PeerState::Alive);
+        assert_eq!(live_state(2, 3).to_string(), "probing 2/3");
+        assert!(!live_state(2, 3).is_final());
+        assert!(PeerState::Dead.is_final());
+    }
+}

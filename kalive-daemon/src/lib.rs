@@ -1,0 +1,20 @@
+//! kalive-daemon: watches TCP keepalive from inside the kernel.
+//!
+//! Where things happen:
+//! - `loader`: loads the kernel programs (kalive-ebpf) with offsets from `btf_layout` and
+//!   `tracefs`, and attaches them in a hook mode;
+//! - kalive-ebpf's `timer_run.rs`: where a keepalive probe is counted, in the kernel;
+//! - `collector`: drains the ring buffer into the `table` and logs through `report`;
+//! - `classify`: the peer state rules (alive, probing, dead, rebooted, unreachable, reset, closed).
+
+pub mod btf_layout;
+pub mod classify;
+pub mod cli;
+pub mod collector;
+pub mod event;
+pub mod hz;
+pub mod kallsyms;
+pub mod loader;
+pub mod report;
+pub mod table;
+pub mod tracefs;

@@ -1,0 +1,72 @@
+//! kalive-daemon's entry point: parse the command line, run, report errors with their causes.
+
+use anyhow::Context as _;
+use clap::Parser as _;
+use kalive_daemon::{
+    cli::{Cli, Command, RunArgs},
+    collector::{Collector, CollectorOptions},
+};
+use tokio_util::sync::CancellationToken;
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("error: cannot start the async runtime: {err}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Run(args) => run(args).await,
+        }
+    });
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: RunArgs) -> anyhow::Result<()> {
+    let cancel = CancellationToken::new();
+    let collector = Collector::start(
+        CollectorOptions {
+            hook_mode: args.hook_mode,
+            history_limit: args.history as usize,
+            log_probes: !args.quiet_probes,
+        },
+        cancel.clone(),
+    )
+    .context("kalive-daemon could not start")?;
+    log::info!("kalive-daemon running, hook mode {}", collector.mode);
+    tokio::spawn(shutdown_on_signal(cancel));
+    collector.wait().await.context("the collector stopped")?;
+    log::info!("kalive-daemon stopped");
+    Ok(())
+}
+
+/// SIGINT or SIGTERM cancels everything.
+async fn shutdown_on_signal(cancel: CancellationToken) {
+    let mut terminate =
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(signal) => signal,
+            Err(err) => {
+                log::error!("cannot listen for SIGTERM: {err}");
+                return;
+            }
+        };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => log::info!("SIGINT received, stopping"),
+        _ = terminate.recv() => log::info!("SIGTERM received, stopping"),
+    }
+    cancel.cancel();
+}

@@ -1,0 +1,574 @@
+//! The daemon's in-memory view: tracked keepalive connections, a bounded history of ended ones and
+//! running totals per network namespace, all built from kernel events by `apply`.
+
+use std::{
+    collections::{BTreeMap, HashMap, VecDeque},
+    net::SocketAddr,
+    time::Duration,
+};
+
+use kalive_common::{event_flag, event_kind, ConnState, Event};
+
+use crate::{
+    classify::{live_state, outcome, Ending, PeerState},
+    event::endpoints,
+};
+
+/// A socket's effective keepalive settings.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KeepaliveSettings {
+    pub idle: Duration,
+    pub interval: Duration,
+    pub probe_limit: u32,
+    /// TCP_USER_TIMEOUT, when set.
+    pub user_timeout: Option<Duration>,
+}
+
+/// One tracked keepalive connection.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Connection {
+    /// kalive's own sequential id (kernel addresses are never shown).
+    pub id: u64,
+    pub netns: u32,
+    pub local: SocketAddr,
+    pub remote: SocketAddr,
+    pub keepalive_on: bool,
+    pub settings: KeepaliveSettings,
+    pub probes_sent: u64,
+    pub probes_answered: u64,
+    /// icsk_probes_out after the last timer run.
+    pub probes_outstanding: u32,
+    pub send_failures: u64,
+    /// CLOCK_BOOTTIME nanoseconds of the first sighting, the last probe (0: none), the last run.
+    pub first_seen_ns: u64,
+    pub last_probe_ns: u64,
+    pub last_run_ns: u64,
+    /// How long the connection had received nothing at its last timer run.
+    pub idle_at_last_run: Duration,
+    pub peer_state: PeerState,
+    pub reset_received: bool,
+    pub reset_during_probe: bool,
+    /// The last socket error reported (errno), 0 when none.
+    pub last_error: i32,
+}
+
+/// A connection that ended, with how.
+#[derive(Clone, Debug, PartialEq)]
+pub struct EndedConnection {
+    pub connection: Connection,
+    pub outcome: PeerState,
+    pub error: i32,
+    pub ended_ns: u64,
+}
+
+/// Running totals, per network namespace.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Totals {
+    pub probes_sent: u64,
+    pub probes_answered: u64,
+    pub probe_send_failures: u64,
+    /// Connections closed by the keepalive timer with an error (dead or unreachable).
+    pub keepalive_timeouts: u64,
+    pub resets_received: u64,
+    pub resets_received_during_probe: u64,
+    /// RSTs sent, by enum sk_rst_reason name ("unknown" when the kernel has no reason).
+    pub resets_sent: BTreeMap<String, u64>,
+    /// Ended connections by outcome name.
+    pub outcomes: BTreeMap<&'static str, u64>,
+}
+
+/// Something worth a log line.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Notice {
+    Tracked(Connection),
+    Probe {
+        connection: Connection,
+        answered_in_run: bool,
+    },
+    ProbeSendFailed(Connection),
+    Ended(EndedConnection),
+}
+
+/// Conversions the kernel's units need.
+#[derive(Clone, Debug)]
+pub struct KernelUnits {
+    /// CONFIG_HZ.
+    pub hz: u32,
+    /// enum sk_rst_reason names by value.
+    pub reset_reasons: BTreeMap<u32, String>,
+}
+
+impl KernelUnits {
+    pub fn jiffies(&self, jiffies: u32) -> Duration {
+        let hz = u64::from(self.hz.max(1));
+        let jiffies = u64::from(jiffies);
+        Duration::from_secs(jiffies / hz)
+            + Duration::from_nanos((jiffies % hz) * 1_000_000_000 / hz)
+    }
+
+    pub fn reset_reason(&self, reason: u32) -> String {
+        if reason == kalive_common::REASON_UNKNOWN {
+            return "unknown".to_owned();
+        }
+        self.reset_reasons
+            .get(&reason)
+            .map(|name| name.to_ascii_lowercase())
+            .unwrap_or_else(|| reason.to_string())
+    }
+}
+
+pub struct ConnectionTable {
+    units: KernelUnits,
+    live: HashMap<u64, Connection>,
+    history: VecDeque<EndedConnection>,
+    history_limit: usize,
+    totals: BTreeMap<u32, Totals>,
+    next_id: u64,
+    /// Events of a tracked kind about a socket the table did not know (e.g. missed FIRST_SEEN).
+    pub unknown_connection_events: u64,
+}
+
+impl ConnectionTable {
+    pub fn new(units: KernelUnits, history_limit: usize) -> Self {
+        Self {
+            units,
+            live: HashMap::new(),
+            history: VecDeque::new(),
+            history_limit,
+            totals: BTreeMap::new(),
+            next_id: 1,
+            unknown_connection_events: 0,
+        }
+    }
+
+    pub fn connections(&self) -> impl Iterator<Item = &Connection> {
+        self.live.values()
+    }
+
+    /// Ended connections, newest first.
+    pub fn history(&self) -> impl Iterator<Item = &EndedConnection> {
+        self.history.iter().rev()
+    }
+
+    pub fn totals(&self, netns: u32) -> Totals {
+        self.totals.get(&netns).cloned().unwrap_or_default()
+    }
+
+    pub fn all_totals(&self) -> &BTreeMap<u32, Totals> {
+        &self.totals
+    }
+
+    /// Folds one kernel event into the table; returns what is worth logging.
+    pub fn apply(&mut self, event: &Event) -> Vec<Notice> {
+        match event.kind {
+            event_kind::TIMER_RUN => self.timer_run(event),
+            event_kind::RESET_RECEIVED => self.reset_received(event),
+            event_kind::RESET_SENT => {
+                let reason = self.units.reset_reason(event.reset_reason);
+                let totals = self.totals.entry(event.conn.netns).or_default();
+                *totals.resets_sent.entry(reason).or_default() += 1;
+                Vec::new()
+            }
+            event_kind::ERROR_REPORT => {
+                self.error_report(event);
+                Vec::new()
+            }
+            event_kind::CLOSED => self.closed(event),
+            _ => Vec::new(),
+        }
+    }
+
+    fn new_connection(&mut self, state: &ConnState) -> Connection {
+        let (local, remote) = endpoints(state);
+        let id = self.next_id;
+        self.next_id += 1;
+        Connection {
+            id,
+            netns: state.netns,
+            local,
+            remote,
+            keepalive_on: state.keepalive_on != 0,
+            settings: self.settings(state),
+            probes_sent: 0,
+            probes_answered: 0,
+            probes_outstanding: 0,
+            send_failures: 0,
+            first_seen_ns: state.first_seen_ns,
+            last_probe_ns: 0,
+            last_run_ns: 0,
+            idle_at_last_run: Duration::ZERO,
+            peer_state: PeerState::Alive,
+            reset_received: false,
+            reset_during_probe: false,
+            last_error: 0,
+        }
+    }
+
+    fn settings(&self, state: &ConnState) -> KeepaliveSettings {
+        KeepaliveSettings {
+            idle: self.units.jiffies(state.idle_jiffies),
+            interval: self.units.jiffies(state.interval_jiffies),
+            probe_limit: state.probe_limit,
+            user_timeout: (state.user_timeout_ms != 0)
+                .then(|| Duration::from_millis(u64::from(state.user_timeout_ms))),
+        }
+    }
+
+    /// Copies the kernel's per-connection counters and settings into `conn`.
+    fn refresh(&self, conn: &mut Connection, state: &ConnState) {
+        conn.keepalive_on = state.keepalive_on != 0;
+        conn.settings = self.settings(state);
+        conn.probes_sent = state.probes_sent;
+        conn.probes_answered = state.probes_answered;
+        conn.probes_outstanding = state.probes_out;
+        conn.send_failures = state.send_failures;
+        conn.last_probe_ns = state.last_probe_ns;
+        conn.last_run_ns = state.last_run_ns;
+        conn.idle_at_last_run = self
+            .units
+            .jiffies(state.jiffies_at_run.wrapping_sub(state.rcv_tstamp));
+    }
+
+    /// The live connection for this event's socket, created when the kernel saw it first.
+    fn connection_for(&mut self, event: &Event) -> Option<(Connection, bool)> {
+        let known = self
+            .live
+            .get(&event.sock)
+            .filter(|c| c.first_seen_ns == event.conn.first_seen_ns);
+        match known {
+            Some(conn) => Some((conn.clone(), false)),
+            None if event.flags & event_flag::FIRST_SEEN != 0
+                || event.flags & event_flag::TRACKED != 0 =>
+            {
+                if event.flags & event_flag::FIRST_SEEN == 0 {
+                    self.unknown_connection_events += 1;
+                }
+                Some((self.new_connection(&event.conn), true))
+            }
+            None => None,
+        }
+    }
+
+    fn timer_run(&mut self, event: &Event) -> Vec<Notice> {
+        let Some((mut conn, new)) = self.connection_for(event) else {
+            return Vec::new();
+        };
+        let mut notices = Vec::new();
+        if new {
+            notices.push(Notice::Tracked(conn.clone()));
+        }
+        let before = (conn.probes_sent, conn.probes_answered, conn.send_failures);
+        self.refresh(&mut conn, &event.conn);
+        let flags = event.flags;
+        let totals = self.totals.entry(conn.netns).or_default();
+        totals.probes_sent += conn.probes_sent.saturating_sub(before.0);
+        totals.probes_answered += conn.probes_answered.saturating_sub(before.1);
+        totals.probe_send_failures += conn.send_failures.saturating_sub(before.2);
+
+        if flags & event_flag::RESET_IN_RUN != 0 {
+            conn.reset_received = true;
+            conn.reset_during_probe = true;
+            totals.resets_received += 1;
+            totals.resets_received_during_probe += 1;
+        }
+        if flags & event_flag::RESET_SENT_IN_RUN != 0 {
+            let reason = self.units.reset_reason(event.reset_reason);
+            *totals.resets_sent.entry(reason).or_default() += 1;
+        }
+        if flags & event_flag::PROBE_SENT != 0 {
+            let answered_in_run = flags & event_flag::ANSWERED_IN_RUN != 0;
+            conn.peer_state = if answered_in_run {
+                PeerState::Alive
+            } else {
+                live_state(conn.probes_outstanding.max(1), conn.settings.probe_limit)
+            };
+            notices.push(Notice::Probe {
+                connection: conn.clone(),
+                answered_in_run,
+            });
+        } else if flags & event_flag::PREVIOUS_PROBE_ANSWERED != 0 {
+            conn.peer_state = PeerState::Alive;
+        }
+        if flags & event_flag::SEND_FAILED != 0 {
+            notices.push(Notice::ProbeSendFailed(conn.clone()));
+        }
+
+        if flags & event_flag::CLOSED_IN_RUN != 0 {
+            let ending = Ending {
+                by_keepalive_timer: true,
+                error: event.error,
+                reset_received: conn.reset_received,
+                reset_during_probe: conn.reset_during_probe,
+            };
+            notices.push(Notice::Ended(self.end(
+                event.sock,
+                conn,
+                &ending,
+                event.time_ns,
+            )));
+        } else {
+            self.live.insert(event.sock, conn);
+        }
+        notices
+    }
+
+    fn reset_received(&mut self, event: &Event) -> Vec<Notice> {
+        let during_probe = event.flags & event_flag::DURING_PROBE != 0;
+        let totals = self.totals.entry(event.conn.netns).or_default();
+        totals.resets_received += 1;
+        if during_probe {
+            totals.resets_received_during_probe += 1;
+        }
+        if event.flags & event_flag::TRACKED == 0 {
+            return Vec::new();
+        }
+        if let Some(conn) = self.live.get_mut(&event.sock) {
+            conn.reset_received = true;
+            conn.reset_during_probe |= during_probe;
+            conn.peer_state = if during_probe {
+                PeerState::Rebooted
+            } else {
+                PeerState::Reset
+            };
+        }
+        Vec::new()
+    }
+
+    /// Error reports carry addresses but no socket: tie one to the single live connection with
+    /// the same endpoints, if there is exactly one.
+    fn error_report(&mut self, event: &Event) {
+        let (local, remote) = endpoints(&event.conn);
+        let mut matching = self
+            .live
+            .values_mut()
+            .filter(|c| c.local == local && c.remote == remote);
+        if let (Some(conn), None) = (matching.next(), matching.next()) {
+            conn.last_error = event.error;
+        }
+    }
+
+    fn closed(&mut self, event: &Event) -> Vec<Notice> {
+        let Some((mut conn, _)) = self.connection_for(event) else {
+            return Vec::new();
+        };
+        self.refresh(&mut conn, &event.conn);
+        let ending = Ending {
+            by_keepalive_timer: false,
+            error: event.error,
+            reset_received: conn.reset_received,
+            reset_during_probe: conn.reset_during_probe
+                || (conn.reset_received && event.flags & event_flag::DURING_PROBE != 0),
+        };
+        vec![Notice::Ended(self.end(
+            event.sock,
+            conn,
+            &ending,
+            event.time_ns,
+        ))]
+    }
+
+    fn end(
+        &mut self,
+        sock: u64,
+        mut conn: Connection,
+        ending: &Ending,
+        time_ns: u64,
+    ) -> EndedConnection {
+        self.live.remove(&sock);
+        let result = outcome(ending);
+        conn.peer_state = result;
+        if ending.error != 0 {
+            conn.last_error = ending.error;
+        }
+        let totals = self.totals.entry(conn.netns).or_default();
+        if matches!(result, PeerState::Dead | PeerState::Unreachable) {
+            totals.keepalive_timeouts += 1;
+        }
+        *totals.outcomes.entry(result.name()).or_default() += 1;
+        let ended = EndedConnection {
+            connection: conn,
+            outcome: result,
+            error: ending.error,
+            ended_ns: time_ns,
+        };
+        if self.history_limit > 0 {
+            if self.history.len() >= self.history_limit {
+                self.history.pop_front();
+            }
+            self.history.push_back(ended.clone());
+        }
+        ended
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use kalive_common::AF_INET;
+
+    use super::*;
+
+    const HZ: u32 = 250;
+
+    fn table() -> ConnectionTable {
+        let units = KernelUnits {
+            hz: HZ,
+            reset_reasons: BTreeMap::from([(9, "TCP_KEEPALIVE_TIMEOUT".to_owned())]),
+        };
+        ConnectionTable::new(units, 2)
+    }
+
+    fn conn_state(port: u16) -> ConnState {
+        let mut state = ConnState {
+            first_seen_ns: 1_000 + u64::from(port),
+            netns: 4026531840,
+            family: AF_INET,
+            local_port: port,
+            remote_port: 9000,
+            idle_jiffies: HZ,
+            interval_jiffies: HZ,
+            probe_limit: 3,
+            keepalive_on: 1,
+            ..ConnState::default()
+        };
+        state.local_addr[..4].copy_from_slice(&[127, 0, 0, 1]);
+        state.remote_addr[..4].copy_from_slice(&[127, 0, 0, 1]);
+        state
+    }
+
+    fn run(sock: u64, state: ConnState, flags: u32) -> Event {
+        Event {
+            kind: event_kind::TIMER_RUN,
+            flags: flags | event_flag::TRACKED,
+            sock,
+            conn: state,
+            ..Event::default()
+        }
+    }
+
+    #[test]
+    fn probes_then_timeout_is_dead_and_counted() {
+        let mut table = table();
+        let mut state = conn_state(40000);
+        let mut notices = Vec::new();
+        for n in 1..=3u32 {
+            state.probes_sent = u64::from(n);
+            state.probes_out = n;
+            let flags = if n == 1 { event_flag::FIRST_SEEN } else { 0 } | event_flag::PROBE_SENT;
+            notices.extend(table.apply(&run(7, state, flags)));
+            assert_eq!(
+                table.connections().next().unwrap().peer_state,
+                PeerState::Probing {
+                    outstanding: n,
+                    limit: 3
+                }
+            );
+        }
+        let mut timeout = run(7, state, event_flag::CLOSED_IN_RUN);
+        timeout.error = libc::ETIMEDOUT;
+        notices.extend(table.apply(&timeout));
+
+        assert_eq!(table.connections().count(), 0);
+        let ended = table.history().next().unwrap();
+        assert_eq!(ended.outcome, PeerState::Dead);
+        assert_eq!(ended.connection.probes_sent, 3);
+        assert_eq!(ended.connection.settings.idle, Duration::from_secs(1));
+        let totals = table.totals(4026531840);
+        assert_eq!((totals.probes_sent, totals.keepalive_timeouts), (3, 1));
+        assert_eq!(totals.outcomes["dead"], 1);
+        assert!(matches!(notices[0], Notice::Tracked(_)));
+        assert!(matches!(notices.last(), Some(Notice::Ended(_))));
+    }
+
+    #[test]
+    fn answered_probes_keep_the_peer_alive() {
+        let mut table = table();
+        let mut state = conn_state(40001);
+        state.probes_sent = 1;
+        state.probes_answered = 1;
+        table.apply(&run(
+            8,
+            state,
+            event_flag::FIRST_SEEN | event_flag::PROBE_SENT | event_flag::ANSWERED_IN_RUN,
+        ));
+        let conn = table.connections().next().unwrap();
+        assert_eq!(conn.peer_state, PeerState::Alive);
+        assert_eq!(table.totals(state.netns).probes_answered, 1);
+    }
+
+    #[test]
+    fn rst_after_a_probe_is_rebooted_and_idle_rst_is_reset() {
+        let mut table = table();
+        let mut a = conn_state(40002);
+        a.probes_sent = 1;
+        a.probes_out = 1;
+        table.apply(&run(1, a, event_flag::FIRST_SEEN | event_flag::PROBE_SENT));
+        let b = conn_state(40003);
+        table.apply(&run(2, b, event_flag::FIRST_SEEN));
+
+        for (sock, state, during) in [(1, a, event_flag::DURING_PROBE), (2, b, 0)] {
+            let base = Event {
+                sock,
+                conn: state,
+                flags: event_flag::TRACKED | during,
+                ..Event::default()
+            };
+            table.apply(&Event {
+                kind: event_kind::RESET_RECEIVED,
+                ..base
+            });
+            table.apply(&Event {
+                kind: event_kind::CLOSED,
+                error: libc::ECONNRESET,
+                ..base
+            });
+        }
+        let outcomes: Vec<_> = table
+            .history()
+            .map(|e| (e.connection.local.port(), e.outcome))
+            .collect();
+        assert_eq!(
+            outcomes,
+            vec![(40003, PeerState::Reset), (40002, PeerState::Rebooted)]
+        );
+        assert_eq!(table.totals(a.netns).resets_received_during_probe, 1);
+        assert_eq!(table.totals(a.netns).keepalive_timeouts, 0);
+    }
+
+    #[test]
+    fn reused_socket_address_is_a_new_connection_and_history_is_bounded() {
+        let mut table = table();
+        for round in 0..3u64 {
+            let mut state = conn_state(40004);
+            state.first_seen_ns = 10 + round;
+            table.apply(&run(5, state, event_flag::FIRST_SEEN));
+            table.apply(&Event {
+                kind: event_kind::CLOSED,
+                sock: 5,
+                conn: state,
+                flags: event_flag::TRACKED,
+                ..Event::default()
+            });
+        }
+        let ids: Vec<_> = table.history().map(|e| e.connection.id).collect();
+        assert_eq!(ids, vec![3, 2], "newest first, bounded to 2");
+        assert_eq!(table.totals(4026531840).outcomes["closed"], 3);
+    }
+
+    #[test]
+    fn reset_reasons_are_named_from_btf() {
+        let mut table = table();
+        let sent = Event {
+            kind: event_kind::RESET_SENT,
+            reset_reason: 9,
+            ..Event::default()
+        };
+        table.apply(&sent);
+        table.apply(&Event {
+            reset_reason: kalive_common::REASON_UNKNOWN,
+            ..sent
+        });
+        let totals = table.totals(0);
+        assert_eq!(totals.resets_sent["tcp_keepalive_timeout"], 1);
+        assert_eq!(totals.resets_sent["unknown"], 1);
+    }
+}

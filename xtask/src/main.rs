@@ -1,0 +1,106 @@
+//! `cargo xtask`: the project's entry point for setting up, running and testing kalive.
+
+mod run;
+mod setup;
+mod test;
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+};
+
+use anyhow::{ensure, Context, Result};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(about = "Set up, run and test kalive")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what building and testing need: nightly, rust-src, bpf-linker, packages, tracefs.
+    Setup,
+    /// Build kalive-daemon in release mode and run it; arguments after `--` go to the daemon.
+    Run {
+        /// Arguments for kalive-daemon (default: `run`).
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// Check formatting and lints, then run the unit tests and (as root) the integration tests.
+    Test,
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().task {
+        Task::Setup => setup::setup(),
+        Task::Run { args } => run::run(args),
+        Task::Test => test::test(),
+    }
+}
+
+/// The workspace root: the parent of this crate's directory.
+fn workspace_root() -> PathBuf {
+    let xtask_dir = Path::new(env!("CARGO_MANIFEST_DIR"));
+    xtask_dir.parent().unwrap_or(xtask_dir).to_path_buf()
+}
+
+/// A `cargo` command that runs in the workspace root.
+fn cargo<const N: usize>(args: [&str; N]) -> Command {
+    let mut cmd = Command::new("cargo");
+    cmd.args(args).current_dir(workspace_root());
+    cmd
+}
+
+/// Whether this process runs as root (effective uid 0).
+fn is_root() -> bool {
+    fs::read_to_string("/proc/self/status").is_ok_and(|status| {
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix("Uid:"))
+            .and_then(|uids| uids.split_whitespace().nth(1))
+            == Some("0")
+    })
+}
+
+/// `cmd` as a shell-like line: environment overrides, program and arguments.
+fn show(cmd: &Command) -> String {
+    let envs = cmd.get_envs().filter_map(|(key, value)| {
+        value.map(|value| format!("{}={}", key.to_string_lossy(), value.to_string_lossy()))
+    });
+    let words = [cmd.get_program()].into_iter().chain(cmd.get_args());
+    envs.chain(words.map(|word| word.to_string_lossy().into_owned()))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Prints `cmd`, runs it with inherited stdio and environment, and fails unless it succeeds.
+fn run_checked(cmd: &mut Command) -> Result<()> {
+    let shown = show(cmd);
+    println!("+ {shown}");
+    let status = cmd.status().with_context(|| {
+        format!(
+            "could not start `{shown}`: is `{}` installed and on PATH?",
+            cmd.get_program().to_string_lossy()
+        )
+    })?;
+    ensure!(status.success(), "`{shown}` failed ({status})");
+    Ok(())
+}
+
+/// The trimmed stdout of `program args`, or `None` if it cannot start or fails (a quiet probe).
+fn probe(program: &str, args: &[&str]) -> Option<String> {
+    let output = Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .output()
+        .ok()?;
+    output
+        .status
+        .success()
+        .then(|| String::from_utf8_lossy(&output.stdout).trim().to_string())
+}

@@ -1,0 +1,225 @@
+//! `cargo xtask setup`: idempotently installs what building and testing kalive need.
+
+use std::{
+    env, fs,
+    os::unix::fs::symlink,
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{bail, Context, Result};
+
+use crate::{is_root, probe, run_checked};
+
+const BPF_LINKER_VERSION: &str = "0.13.0";
+/// Debian packages the privileged integration tests use.
+const APT_PACKAGES: [&str; 4] = ["nftables", "iproute2", "tcpdump", "procps"];
+const TRACEFS: &str = "/sys/kernel/tracing";
+const RUSTUP_HINT: &str = "check that rustup works and the network is reachable";
+const REINSTALL_NIGHTLY: &str = "reinstall it with `rustup toolchain install nightly --force`";
+
+/// Checks and, where missing, installs every item, printing one line per item.
+pub fn setup() -> Result<()> {
+    nightly()?;
+    let sysroot = nightly_sysroot()?;
+    rust_src(&sysroot)?;
+    bpf_linker(&sysroot)?;
+    apt_packages()?;
+    tracefs()
+}
+
+fn rustup<const N: usize>(args: [&str; N]) -> Command {
+    let mut cmd = Command::new("rustup");
+    cmd.args(args);
+    cmd
+}
+
+fn nightly() -> Result<()> {
+    if let Some(version) = probe("rustup", &["run", "nightly", "rustc", "--version"]) {
+        println!("ok: nightly toolchain ({version})");
+        return Ok(());
+    }
+    println!("installing: nightly toolchain");
+    run_checked(&mut rustup([
+        "toolchain",
+        "install",
+        "nightly",
+        "--profile",
+        "minimal",
+    ]))
+    .with_context(|| format!("installing the nightly toolchain failed: {RUSTUP_HINT}"))
+}
+
+fn nightly_sysroot() -> Result<PathBuf> {
+    probe("rustc", &["+nightly", "--print", "sysroot"])
+        .map(PathBuf::from)
+        .context(
+            "`rustc +nightly --print sysroot` failed: check that `rustc` is rustup's proxy \
+             and that `rustup run nightly rustc --version` works",
+        )
+}
+
+fn rust_src(sysroot: &Path) -> Result<()> {
+    if sysroot.join("lib/rustlib/src/rust/library").is_dir() {
+        println!("ok: rust-src for nightly");
+        return Ok(());
+    }
+    println!("installing: rust-src for nightly");
+    run_checked(&mut rustup([
+        "component",
+        "add",
+        "rust-src",
+        "--toolchain",
+        "nightly",
+    ]))
+    .with_context(|| format!("adding rust-src to nightly failed: {RUSTUP_HINT}"))
+}
+
+fn bpf_linker(sysroot: &Path) -> Result<()> {
+    if bpf_linker_is_current() {
+        println!("ok: bpf-linker {BPF_LINKER_VERSION}");
+        return Ok(());
+    }
+    let llvm = find_libllvm(&sysroot.join("lib"))?;
+    println!(
+        "installing: bpf-linker {BPF_LINKER_VERSION} (LLVM: {})",
+        llvm.display()
+    );
+    let prefix = llvm_prefix(&llvm)?;
+
+    let install = |locked: bool| {
+        let mut cmd = Command::new("cargo");
+        cmd.env("LLVM_PREFIX", &prefix)
+            .args(["install", "bpf-linker", "--version", BPF_LINKER_VERSION])
+            .args(locked.then_some("--locked"))
+            .args(["--no-default-features", "--features", "llvm-22"]);
+        run_checked(&mut cmd)
+    };
+    if let Err(error) = install(true) {
+        println!("note: {error:#}; retrying without --locked");
+        install(false).context(
+            "installing bpf-linker failed: read cargo's errors above \
+             (usually a missing C/C++ toolchain or an LLVM that does not match llvm-22)",
+        )?;
+    }
+    if !bpf_linker_is_current() {
+        bail!(
+            "bpf-linker was installed, but `rustup run nightly bpf-linker --version` does not \
+             report {BPF_LINKER_VERSION}: put $HOME/.cargo/bin first on PATH"
+        );
+    }
+    Ok(())
+}
+
+/// Whether bpf-linker reports the wanted version. It runs under the nightly toolchain, as cargo
+/// runs it when building the kernel programs: that puts nightly's libLLVM on the library path.
+fn bpf_linker_is_current() -> bool {
+    probe("rustup", &["run", "nightly", "bpf-linker", "--version"])
+        .is_some_and(|out| out.lines().any(|line| line.contains(BPF_LINKER_VERSION)))
+}
+
+/// The LLVM shared library shipped with nightly: `libLLVM.so.*`, else `libLLVM-*.so`.
+fn find_libllvm(lib_dir: &Path) -> Result<PathBuf> {
+    let shown = lib_dir.display();
+    let mut names: Vec<String> = fs::read_dir(lib_dir)
+        .with_context(|| format!("cannot list nightly's {shown}: {REINSTALL_NIGHTLY}"))?
+        .filter_map(|entry| entry.ok()?.file_name().into_string().ok())
+        .collect();
+    names.sort();
+    let versioned = names.iter().find(|name| name.starts_with("libLLVM.so."));
+    let dashed = || {
+        names
+            .iter()
+            .find(|name| name.starts_with("libLLVM-") && name.ends_with(".so"))
+    };
+    versioned
+        .or_else(dashed)
+        .map(|name| lib_dir.join(name))
+        .with_context(|| format!("no libLLVM.so.* or libLLVM-*.so in {shown}: {REINSTALL_NIGHTLY}"))
+}
+
+/// A directory whose `lib/libLLVM.so` links to `llvm`, for bpf-linker's build (`LLVM_PREFIX`).
+fn llvm_prefix(llvm: &Path) -> Result<PathBuf> {
+    let cache = match env::var_os("XDG_CACHE_HOME").filter(|dir| !dir.is_empty()) {
+        Some(dir) => PathBuf::from(dir),
+        None => {
+            let home =
+                env::var_os("HOME").context("neither XDG_CACHE_HOME nor HOME is set: set HOME")?;
+            PathBuf::from(home).join(".cache")
+        }
+    };
+    let prefix = cache.join("kalive/llvm-prefix");
+    let lib = prefix.join("lib");
+    fs::create_dir_all(&lib).with_context(|| {
+        format!(
+            "cannot create {}: fix its permissions or set XDG_CACHE_HOME",
+            lib.display()
+        )
+    })?;
+    let link = lib.join("libLLVM.so");
+    if link.symlink_metadata().is_ok() {
+        fs::remove_file(&link)
+            .with_context(|| format!("cannot replace {}: remove it by hand", link.display()))?;
+    }
+    symlink(llvm, &link).with_context(|| {
+        format!(
+            "cannot create the link {}: fix the permissions of its directory",
+            link.display()
+        )
+    })?;
+    Ok(prefix)
+}
+
+fn apt_packages() -> Result<()> {
+    let mut missing = Vec::new();
+    for package in APT_PACKAGES {
+        let status = probe("dpkg-query", &["-W", "-f=${Status}", package]).unwrap_or_default();
+        if status.contains("install ok installed") {
+            println!("ok: package {package}");
+        } else {
+            missing.push(package);
+        }
+    }
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let list = missing.join(" ");
+    if !is_root() {
+        bail!(
+            "missing Debian packages: {list}; run `cargo xtask setup` as root, \
+             or install them by hand: `sudo apt-get install {list}`"
+        );
+    }
+    println!("installing: {list}");
+    run_checked(Command::new("apt-get").arg("update"))
+        .context("`apt-get update` failed: check the network and the apt sources")?;
+    run_checked(
+        Command::new("apt-get")
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .args(["install", "-y", "--no-install-recommends"])
+            .args(&missing),
+    )
+    .with_context(|| format!("installing {list} failed: read apt's errors above"))
+}
+
+fn tracefs() -> Result<()> {
+    if Path::new(TRACEFS).join("events").exists() {
+        println!("ok: tracefs mounted at {TRACEFS}");
+        return Ok(());
+    }
+    if !is_root() {
+        println!(
+            "note: tracefs is not mounted at {TRACEFS} (the tracepoint hooks need it); \
+             rerun `cargo xtask setup` as root to mount it"
+        );
+        return Ok(());
+    }
+    println!("installing: tracefs at {TRACEFS}");
+    run_checked(Command::new("mount").args(["-t", "tracefs", "tracefs", TRACEFS])).with_context(
+        || {
+            format!(
+                "mounting tracefs failed: check that {TRACEFS} exists and the kernel has tracefs"
+            )
+        },
+    )
+}
