@@ -106,7 +106,10 @@ impl Collector {
             table: ConnectionTable::new(loaded.units, options.history_limit),
             stats: CollectorStats::default(),
         })));
-        let ring = AsyncFd::new(ring).map_err(CollectorError::Poll)?;
+        // SAFETY: the RingBuf owns its map fd, which stays open and unchanged until the AsyncFd
+        // (and with it the RingBuf) is dropped.
+        let ring = unsafe { AsyncFd::register(ring) }
+            .map_err(|err| CollectorError::Poll(std::io::Error::from(err)))?;
         let task = tokio::spawn(drain(
             ring,
             drops,

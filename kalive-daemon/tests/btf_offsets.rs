@@ -1,0 +1,89 @@
+//! Offset resolution against a stored BTF blob (Linux 6.18.44, /sys/kernel/btf/vmlinux, gzipped).
+//! The expected numbers were read from the same blob with pahole (dwarves 1.24):
+//! `pahole -C sock_common|sock|inet_connection_sock|tcp_sock|net|netns_ipv4|ns_common|sock_flags`.
+
+use std::io::Read as _;
+
+use kalive_common::Field;
+use kalive_daemon::btf_layout::{BtfError, KernelTypes};
+
+fn stored_kernel() -> KernelTypes {
+    let compressed = include_bytes!("data/vmlinux-6.18.44.btf.gz");
+    let mut bytes = Vec::new();
+    flate2::read::GzDecoder::new(&compressed[..])
+        .read_to_end(&mut bytes)
+        .expect("decompress the stored BTF");
+    KernelTypes::from_bytes(&bytes).expect("parse the stored BTF")
+}
+
+fn field(offset: u32, size: u32) -> Field {
+    Field { offset, size }
+}
+
+#[test]
+fn sock_layout_matches_pahole() {
+    let layout = stored_kernel().sock_layout().expect("layout");
+    // struct sock_common (at offset 0 of struct sock), members inside anonymous unions too.
+    assert_eq!(layout.remote_addr4, field(0, 4));
+    assert_eq!(layout.local_addr4, field(4, 4));
+    assert_eq!(layout.remote_port, field(12, 2));
+    assert_eq!(layout.local_port, field(14, 2));
+    assert_eq!(layout.family, field(16, 2));
+    assert_eq!(layout.state, field(18, 1));
+    assert_eq!(layout.net, field(48, 8));
+    assert_eq!(layout.remote_addr6, field(56, 16));
+    assert_eq!(layout.local_addr6, field(72, 16));
+    // sk_flags is `#define sk_flags __sk_common.skc_flags` on this kernel.
+    assert_eq!(layout.sk_flags, field(96, 8));
+    // struct sock
+    assert_eq!(layout.sk_err, field(284, 4));
+    assert_eq!(layout.lock_owned, field(320 + 4, 4));
+    assert_eq!(layout.sk_err_soft, field(372, 4));
+    assert_eq!(layout.sk_timer, field(448, 40));
+    // struct inet_connection_sock
+    assert_eq!(layout.probes_out, field(1253, 1));
+    assert_eq!(layout.ack_lrcvtime, field(1264, 4));
+    assert_eq!(layout.user_timeout, field(1292, 4));
+    // struct tcp_sock
+    assert_eq!(layout.packets_out, field(1684, 4));
+    assert_eq!(layout.rcv_tstamp, field(1724, 4));
+    assert_eq!(layout.keepalive_probes, field(1917, 1));
+    assert_eq!(layout.keepalive_time, field(2220, 4));
+    assert_eq!(layout.keepalive_intvl, field(2224, 4));
+    // struct net: ns at 152 (ns_common.inum at 24), ipv4 at 768 (netns_ipv4 sysctls at 564..572).
+    assert_eq!(layout.net_inum, field(152 + 24, 4));
+    assert_eq!(layout.net_keepalive_time, field(768 + 564, 4));
+    assert_eq!(layout.net_keepalive_intvl, field(768 + 568, 4));
+    assert_eq!(layout.net_keepalive_probes, field(768 + 572, 1));
+    // enum sock_flags
+    assert_eq!(layout.keepopen_bit, 3);
+}
+
+#[test]
+fn reset_reasons_come_from_the_enum() {
+    let reasons = stored_kernel().reset_reasons();
+    assert_eq!(
+        reasons.get(&15).map(String::as_str),
+        Some("TCP_KEEPALIVE_TIMEOUT")
+    );
+    assert_eq!(reasons.get(&0).map(String::as_str), Some("NOT_SPECIFIED"));
+}
+
+#[test]
+fn missing_members_and_garbage_are_clear_errors() {
+    let kernel = stored_kernel();
+    let err = kernel.field("tcp_sock", "no_such_member").unwrap_err();
+    assert!(matches!(err, BtfError::MemberMissing { .. }));
+    assert!(err.to_string().contains("tcp_sock.no_such_member"), "{err}");
+
+    for garbage in [
+        &b""[..],
+        &b"not btf at all"[..],
+        &[0x9f, 0xeb, 1, 0, 24, 0, 0, 0][..],
+    ] {
+        assert!(
+            KernelTypes::from_bytes(garbage).is_err(),
+            "{garbage:?} parsed"
+        );
+    }
+}

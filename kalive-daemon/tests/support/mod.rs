@@ -1,0 +1,383 @@
+//! What the privileged integration tests share: the privilege gate, network namespaces, the
+//! kernel's own TcpExt counters, keepalive sockets and an in-process collector that uses the
+//! daemon's own load/attach/collect code.
+#![allow(
+    dead_code,
+    reason = "each test binary uses a different part of the support module"
+)]
+
+use std::{
+    collections::BTreeMap,
+    fs::File,
+    net::{SocketAddr, TcpListener, TcpStream},
+    os::fd::{AsFd, AsRawFd},
+    process::Command,
+    time::Duration,
+};
+
+use kalive_daemon::{
+    collector::{Collector, CollectorOptions, State},
+    loader::HookMode,
+    table::{EndedConnection, Totals},
+};
+use tokio_util::sync::CancellationToken;
+
+/// True when the test may run. Without root it skips with a printed reason, except in CI
+/// (CI=true), where a missing privilege is a failure.
+pub fn privileged(test: &str) -> bool {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        return true;
+    }
+    let reason = "needs root: it loads eBPF programs and creates network namespaces";
+    if std::env::var("CI").is_ok_and(|value| value == "true") {
+        panic!("{test} {reason}, and CI=true: run CI as root");
+    }
+    eprintln!("skipping {test}: {reason} (run `sudo -E cargo xtask test`)");
+    false
+}
+
+/// A network namespace of the test's own, removed on drop.
+pub struct Netns {
+    name: String,
+    file: File,
+    /// The namespace's inode number, as kalive reports it.
+    pub inum: u32,
+}
+
+fn run_ok(program: &str, args: &[&str]) {
+    let output = Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|err| {
+            panic!("cannot run {program} (install it: `cargo xtask setup`): {err}")
+        });
+    assert!(
+        output.status.success(),
+        "{program} {args:?} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+impl Netns {
+    pub fn new(tag: &str) -> Netns {
+        let name = format!("kalive-{tag}-{}", std::process::id());
+        let _ = Command::new("ip").args(["netns", "del", &name]).output();
+        run_ok("ip", &["netns", "add", &name]);
+        run_ok("ip", &["-n", &name, "link", "set", "lo", "up"]);
+        let path = format!("/run/netns/{name}");
+        let file = File::open(&path).unwrap_or_else(|err| panic!("cannot open {path}: {err}"));
+        let inum =
+            std::os::unix::fs::MetadataExt::ino(&file.metadata().expect("stat netns")) as u32;
+        Netns { name, file, inum }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Runs `scenario` on a thread that has entered this namespace.
+    pub fn run<T: Send>(&self, scenario: impl FnOnce() -> T + Send) -> T {
+        std::thread::scope(|scope| {
+            scope
+                .spawn(|| {
+                    // SAFETY: a valid namespace fd; setns affects only this thread.
+                    let rc =
+                        unsafe { libc::setns(self.file.as_fd().as_raw_fd(), libc::CLONE_NEWNET) };
+                    assert_eq!(rc, 0, "setns failed: {}", std::io::Error::last_os_error());
+                    scenario()
+                })
+                .join()
+                .expect("scenario thread panicked")
+        })
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
+    }
+}
+
+/// The calling thread's network namespace's TcpExt counters (/proc/net/netstat).
+pub fn tcp_ext() -> BTreeMap<String, u64> {
+    let text = std::fs::read_to_string("/proc/thread-self/net/netstat").expect("read netstat");
+    let mut lines = text.lines().filter(|line| line.starts_with("TcpExt:"));
+    let (Some(names), Some(values)) = (lines.next(), lines.next()) else {
+        panic!("no TcpExt lines in /proc/thread-self/net/netstat");
+    };
+    names
+        .split_whitespace()
+        .zip(values.split_whitespace())
+        .skip(1)
+        .map(|(name, value)| (name.to_owned(), value.parse().expect("TcpExt value")))
+        .collect()
+}
+
+/// `after - before` for the counters kalive is compared with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KernelDelta {
+    pub keepalive_probes: u64,
+    pub aborts_on_timeout: u64,
+    pub out_of_window_icmps: u64,
+}
+
+pub fn delta(before: &BTreeMap<String, u64>, after: &BTreeMap<String, u64>) -> KernelDelta {
+    let d = |name: &str| after[name] - before[name];
+    KernelDelta {
+        keepalive_probes: d("TCPKeepAlive"),
+        aborts_on_timeout: d("TCPAbortOnTimeout"),
+        out_of_window_icmps: d("OutOfWindowIcmps"),
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Keepalive {
+    pub idle_s: i32,
+    pub interval_s: i32,
+    pub count: i32,
+}
+
+fn set_int(stream: &impl AsRawFd, level: i32, name: i32, value: i32) {
+    // SAFETY: a valid socket fd and a pointer to an int of the right size.
+    let rc = unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            level,
+            name,
+            (&value as *const i32).cast(),
+            size_of::<i32>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(
+        rc,
+        0,
+        "setsockopt({level}, {name}) failed: {}",
+        std::io::Error::last_os_error()
+    );
+}
+
+/// Turns keepalive on with per-socket settings (None: only SO_KEEPALIVE, the netns sysctls apply).
+pub fn enable_keepalive(stream: &TcpStream, settings: Option<Keepalive>) {
+    set_int(stream, libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1);
+    if let Some(ka) = settings {
+        set_int(stream, libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, ka.idle_s);
+        set_int(
+            stream,
+            libc::IPPROTO_TCP,
+            libc::TCP_KEEPINTVL,
+            ka.interval_s,
+        );
+        set_int(stream, libc::IPPROTO_TCP, libc::TCP_KEEPCNT, ka.count);
+    }
+}
+
+/// A connected (client, accepted server) pair on `address` (e.g. "127.0.0.1:0", "[::1]:0").
+pub fn connected_pair(listener: &TcpListener) -> (TcpStream, TcpStream) {
+    let address = listener.local_addr().expect("listener address");
+    let client = TcpStream::connect(address).expect("connect");
+    let (server, _) = listener.accept().expect("accept");
+    (client, server)
+}
+
+pub fn listen(address: &str) -> TcpListener {
+    TcpListener::bind(address).unwrap_or_else(|err| panic!("bind {address}: {err}"))
+}
+
+/// A classic BPF filter that drops everything this socket receives: its peer's ACKs never
+/// arrive, as if the peer had died.
+pub fn drop_all_inbound(stream: &TcpStream) {
+    let mut instructions = [libc::sock_filter {
+        code: 0x06,
+        jt: 0,
+        jf: 0,
+        k: 0,
+    }]; // ret #0
+    let program = libc::sock_fprog {
+        len: 1,
+        filter: instructions.as_mut_ptr(),
+    };
+    // SAFETY: a valid socket fd and a valid sock_fprog.
+    let rc = unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_ATTACH_FILTER,
+            (&program as *const libc::sock_fprog).cast(),
+            size_of::<libc::sock_fprog>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(
+        rc,
+        0,
+        "SO_ATTACH_FILTER failed: {}",
+        std::io::Error::last_os_error()
+    );
+}
+
+pub fn detach_filter(stream: &TcpStream) {
+    set_int(stream, libc::SOL_SOCKET, libc::SO_DETACH_FILTER, 0);
+}
+
+/// Closes with SO_LINGER 0: the kernel sends an RST and forgets the connection.
+pub fn close_with_rst(stream: TcpStream) {
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: a valid socket fd and a valid linger struct.
+    let rc = unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&linger as *const libc::linger).cast(),
+            size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(
+        rc,
+        0,
+        "SO_LINGER failed: {}",
+        std::io::Error::last_os_error()
+    );
+    drop(stream);
+}
+
+/// The socket's pending error (SO_ERROR), as the application would see it.
+pub fn socket_error(stream: &TcpStream) -> i32 {
+    stream
+        .take_error()
+        .expect("SO_ERROR")
+        .and_then(|err| err.raw_os_error())
+        .unwrap_or(0)
+}
+
+/// The collector, in-process, through the daemon's own code path.
+pub struct Kalive {
+    runtime: tokio::runtime::Runtime,
+    collector: Option<Collector>,
+    cancel: CancellationToken,
+}
+
+impl Kalive {
+    pub fn start() -> Kalive {
+        let mode = match std::env::var("KALIVE_TEST_HOOK_MODE").as_deref() {
+            Ok("fentry") => HookMode::Fentry,
+            Ok("kprobe") => HookMode::Kprobe,
+            Ok("tracepoint") => HookMode::Tracepoint,
+            _ => HookMode::Auto,
+        };
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("tokio runtime");
+        let cancel = CancellationToken::new();
+        let options = CollectorOptions {
+            hook_mode: mode,
+            history_limit: 100_000,
+            log_probes: false,
+        };
+        let collector = {
+            let _guard = runtime.enter();
+            Collector::start(options, cancel.clone())
+                .unwrap_or_else(|err| panic!("kalive failed to start: {err}"))
+        };
+        Kalive {
+            runtime,
+            collector: Some(collector),
+            cancel,
+        }
+    }
+
+    fn collector(&self) -> &Collector {
+        self.collector.as_ref().expect("collector running")
+    }
+
+    /// Waits until `check` holds (true) or `timeout` passes (false).
+    pub fn wait_for(&self, timeout: Duration, check: impl FnMut(&State) -> bool) -> bool {
+        self.runtime
+            .block_on(self.collector().wait_until(timeout, check))
+    }
+
+    pub fn totals(&self, netns: u32) -> Totals {
+        self.collector().state.lock().table.totals(netns)
+    }
+
+    /// Ended connections of one namespace, oldest first.
+    pub fn ended(&self, netns: u32) -> Vec<EndedConnection> {
+        let state = self.collector().state.lock();
+        let mut ended: Vec<_> = state
+            .table
+            .history()
+            .filter(|e| e.connection.netns == netns)
+            .cloned()
+            .collect();
+        ended.reverse();
+        ended
+    }
+
+    pub fn live(&self, netns: u32) -> Vec<kalive_daemon::table::Connection> {
+        let state = self.collector().state.lock();
+        state
+            .table
+            .connections()
+            .filter(|c| c.netns == netns)
+            .cloned()
+            .collect()
+    }
+
+    /// The number of ended connections seen in `netns` reaches `count` within `timeout`.
+    pub fn wait_for_outcomes(&self, netns: u32, count: usize, timeout: Duration) -> bool {
+        self.wait_for(timeout, |state| {
+            state
+                .table
+                .history()
+                .filter(|e| e.connection.netns == netns)
+                .count()
+                >= count
+        })
+    }
+
+    pub fn kernel_drops(&self) -> u64 {
+        self.collector()
+            .state
+            .lock()
+            .stats
+            .kernel_drops
+            .iter()
+            .sum()
+    }
+}
+
+impl Drop for Kalive {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+        if let Some(collector) = self.collector.take() {
+            let _ = self.runtime.block_on(collector.wait());
+        }
+    }
+}
+
+/// Raises the open-file limit to `wanted` (the hard limit allows it as root).
+pub fn raise_fd_limit(wanted: u64) {
+    let limit = libc::rlimit {
+        rlim_cur: wanted,
+        rlim_max: wanted,
+    };
+    // SAFETY: a valid rlimit struct.
+    let rc = unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) };
+    assert_eq!(
+        rc,
+        0,
+        "setrlimit(NOFILE, {wanted}) failed: {}",
+        std::io::Error::last_os_error()
+    );
+}
+
+pub fn addr(text: &str) -> SocketAddr {
+    text.parse().expect("socket address")
+}
