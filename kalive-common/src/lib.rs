@@ -75,7 +75,6 @@ pub struct SockLayout {
     pub net: Field,
     pub sk_flags: Field,
     pub sk_err: Field,
-    pub sk_err_soft: Field,
     pub probes_out: Field,
     pub user_timeout: Field,
     pub keepalive_time: Field,
@@ -264,7 +263,6 @@ pub struct TimerRun {
     pub sock: u64,
     /// The timer_list address (tracepoint mode matches exit on it).
     pub timer: u64,
-    pub start_ns: u64,
     pub start_jiffies: u64,
     pub state_before: u32,
     pub probes_out_before: u32,
@@ -279,9 +277,9 @@ pub struct TimerRun {
 const _: () = assert!(core::mem::size_of::<Field>() == 8);
 const _: () = assert!(core::mem::size_of::<ConnState>() == 136);
 const _: () = assert!(core::mem::size_of::<Event>() == 48 + 136);
-const _: () = assert!(core::mem::size_of::<SockLayout>() == 26 * 8 + 8);
+const _: () = assert!(core::mem::size_of::<SockLayout>() == 25 * 8 + 8);
 const _: () = assert!(core::mem::size_of::<TracepointLayout>() == 19 * 8);
-const _: () = assert!(core::mem::size_of::<TimerRun>() == 64);
+const _: () = assert!(core::mem::size_of::<TimerRun>() == 56);
 
 #[cfg(feature = "user")]
 mod user {

@@ -185,7 +185,6 @@ impl KernelTypes {
             net: self.field("sock", "__sk_common.skc_net")?,
             sk_flags: self.int_field_any("sock", &["sk_flags", "__sk_common.skc_flags"])?,
             sk_err: self.int_field("sock", "sk_err")?,
-            sk_err_soft: self.int_field("sock", "sk_err_soft")?,
             lock_owned: self.int_field("sock", "sk_lock.owned")?,
             probes_out: self.int_field("inet_connection_sock", "icsk_probes_out")?,
             user_timeout: self.int_field("inet_connection_sock", "icsk_user_timeout")?,

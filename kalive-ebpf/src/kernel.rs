@@ -26,7 +26,6 @@ pub static SOCK_LAYOUT: SockLayout = SockLayout {
     net: ZERO_FIELD,
     sk_flags: ZERO_FIELD,
     sk_err: ZERO_FIELD,
-    sk_err_soft: ZERO_FIELD,
     probes_out: ZERO_FIELD,
     user_timeout: ZERO_FIELD,
     keepalive_time: ZERO_FIELD,

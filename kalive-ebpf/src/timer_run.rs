@@ -37,8 +37,7 @@ pub fn begin(timer: u64) {
     let before = TimerRun {
         sock,
         timer,
-        // SAFETY: helpers without arguments.
-        start_ns: unsafe { bpf_ktime_get_boot_ns() },
+        // SAFETY: helper without arguments.
         start_jiffies: unsafe { bpf_jiffies64() },
         state_before: read_uint(sock, sock_field!(state)) as u32,
         probes_out_before: read_uint(sock, sock_field!(probes_out)) as u32,

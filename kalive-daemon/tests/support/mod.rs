@@ -140,15 +140,16 @@ pub struct Keepalive {
     pub count: i32,
 }
 
-fn set_int(stream: &impl AsRawFd, level: i32, name: i32, value: i32) {
-    // SAFETY: a valid socket fd and a pointer to an int of the right size.
+/// setsockopt with a value of type `T`; a failure fails the test.
+fn set_option<T>(stream: &impl AsRawFd, level: i32, name: i32, value: &T) {
+    // SAFETY: a valid socket fd and a pointer to a `T` of the size given.
     let rc = unsafe {
         libc::setsockopt(
             stream.as_raw_fd(),
             level,
             name,
-            (&value as *const i32).cast(),
-            size_of::<i32>() as libc::socklen_t,
+            (value as *const T).cast(),
+            size_of::<T>() as libc::socklen_t,
         )
     };
     assert_eq!(
@@ -157,6 +158,10 @@ fn set_int(stream: &impl AsRawFd, level: i32, name: i32, value: i32) {
         "setsockopt({level}, {name}) failed: {}",
         std::io::Error::last_os_error()
     );
+}
+
+fn set_int(stream: &impl AsRawFd, level: i32, name: i32, value: i32) {
+    set_option(stream, level, name, &value);
 }
 
 /// Turns keepalive on with per-socket settings (None: only SO_KEEPALIVE, the netns sysctls apply).
@@ -199,22 +204,7 @@ pub fn drop_all_inbound(stream: &TcpStream) {
         len: 1,
         filter: instructions.as_mut_ptr(),
     };
-    // SAFETY: a valid socket fd and a valid sock_fprog.
-    let rc = unsafe {
-        libc::setsockopt(
-            stream.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_ATTACH_FILTER,
-            (&program as *const libc::sock_fprog).cast(),
-            size_of::<libc::sock_fprog>() as libc::socklen_t,
-        )
-    };
-    assert_eq!(
-        rc,
-        0,
-        "SO_ATTACH_FILTER failed: {}",
-        std::io::Error::last_os_error()
-    );
+    set_option(stream, libc::SOL_SOCKET, libc::SO_ATTACH_FILTER, &program);
 }
 
 pub fn detach_filter(stream: &TcpStream) {
@@ -227,22 +217,7 @@ pub fn close_with_rst(stream: TcpStream) {
         l_onoff: 1,
         l_linger: 0,
     };
-    // SAFETY: a valid socket fd and a valid linger struct.
-    let rc = unsafe {
-        libc::setsockopt(
-            stream.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_LINGER,
-            (&linger as *const libc::linger).cast(),
-            size_of::<libc::linger>() as libc::socklen_t,
-        )
-    };
-    assert_eq!(
-        rc,
-        0,
-        "SO_LINGER failed: {}",
-        std::io::Error::last_os_error()
-    );
+    set_option(&stream, libc::SOL_SOCKET, libc::SO_LINGER, &linger);
     drop(stream);
 }
 
