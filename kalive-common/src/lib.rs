@@ -123,7 +123,6 @@ pub struct TracepointLayout {
 
 /// Kernel TCP states (include/net/tcp_states.h), stable ABI.
 pub mod tcp_state {
-    pub const ESTABLISHED: u32 = 1;
     pub const FIN_WAIT2: u32 = 5;
     pub const CLOSE: u32 = 7;
     pub const LISTEN: u32 = 10;
@@ -229,8 +228,6 @@ pub struct Event {
     /// Kernel address of the socket: with `conn.first_seen_ns`, the connection's key. Never shown.
     pub sock: u64,
     pub time_ns: u64,
-    /// Kernel jiffies when the event happened.
-    pub jiffies: u64,
     /// errno value: sk_err at close, or the error of sock:inet_sk_error_report.
     pub error: i32,
     /// enum sk_rst_reason for RESET_SENT (REASON_UNKNOWN when the kernel has none).
@@ -276,7 +273,7 @@ pub struct TimerRun {
 
 const _: () = assert!(core::mem::size_of::<Field>() == 8);
 const _: () = assert!(core::mem::size_of::<ConnState>() == 136);
-const _: () = assert!(core::mem::size_of::<Event>() == 48 + 136);
+const _: () = assert!(core::mem::size_of::<Event>() == 40 + 136);
 const _: () = assert!(core::mem::size_of::<SockLayout>() == 25 * 8 + 8);
 const _: () = assert!(core::mem::size_of::<TracepointLayout>() == 19 * 8);
 const _: () = assert!(core::mem::size_of::<TimerRun>() == 56);

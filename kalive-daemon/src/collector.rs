@@ -25,12 +25,9 @@ use crate::{
 /// Counters of the collector itself.
 #[derive(Clone, Debug, Default)]
 pub struct CollectorStats {
-    pub events: u64,
     pub decode_errors: u64,
     /// Kernel-side losses, indexed by `kalive_common::drop_reason`.
     pub kernel_drops: [u64; drop_reason::COUNT as usize],
-    /// When the ring buffer was last drained.
-    pub last_drain: Option<Instant>,
 }
 
 /// The table and the collector's counters, behind one lock.
@@ -183,10 +180,7 @@ async fn drain(
                 drain_ready(guard.get_inner_mut(), &state, log_probes);
                 guard.clear_ready();
             }
-            _ = drop_poll.tick() => {
-                read_drops(&drops, &state);
-                drain_ready(ring.get_mut(), &state, log_probes);
-            }
+            _ = drop_poll.tick() => read_drops(&drops, &state),
         }
     }
 }
@@ -196,7 +190,6 @@ fn drain_ready(ring: &mut RingBuf<MapData>, state: &SharedState, log_probes: boo
     {
         let mut state = state.lock();
         while let Some(record) = ring.next() {
-            state.stats.events += 1;
             match decode(&record) {
                 Ok(event) => notices.extend(state.table.apply(&event)),
                 Err(err) => {
@@ -207,7 +200,6 @@ fn drain_ready(ring: &mut RingBuf<MapData>, state: &SharedState, log_probes: boo
                 }
             }
         }
-        state.stats.last_drain = Some(Instant::now());
     }
     for notice in &notices {
         log_notice(notice, log_probes);

@@ -124,8 +124,6 @@ pub struct ConnectionTable {
     history_limit: usize,
     totals: BTreeMap<u32, Totals>,
     next_id: u64,
-    /// Events of a tracked kind about a socket the table did not know (e.g. missed FIRST_SEEN).
-    pub unknown_connection_events: u64,
 }
 
 impl ConnectionTable {
@@ -137,7 +135,6 @@ impl ConnectionTable {
             history_limit,
             totals: BTreeMap::new(),
             next_id: 1,
-            unknown_connection_events: 0,
         }
     }
 
@@ -237,12 +234,9 @@ impl ConnectionTable {
             .filter(|c| c.first_seen_ns == event.conn.first_seen_ns);
         match known {
             Some(conn) => Some((conn.clone(), false)),
-            None if event.flags & event_flag::FIRST_SEEN != 0
-                || event.flags & event_flag::TRACKED != 0 =>
-            {
-                if event.flags & event_flag::FIRST_SEEN == 0 {
-                    self.unknown_connection_events += 1;
-                }
+            // The kernel marks every event of a connection in CONNECTIONS as TRACKED (the first
+            // one also FIRST_SEEN); one the table does not know yet starts a new entry.
+            None if event.flags & event_flag::TRACKED != 0 => {
                 Some((self.new_connection(&event.conn), true))
             }
             None => None,

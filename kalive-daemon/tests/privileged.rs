@@ -45,11 +45,9 @@ fn close_both(client: TcpStream, server: TcpStream) {
 
 #[test]
 fn peer_alive_probes_are_answered() {
-    if !privileged("peer_alive_probes_are_answered") {
+    let Some((kalive, netns)) = start("peer_alive_probes_are_answered", "alive") else {
         return;
-    }
-    let kalive = Kalive::start();
-    let netns = Netns::new("alive");
+    };
     let kernel = netns.run(|| {
         let before = tcp_ext();
         let listener = listen("127.0.0.1:0");
@@ -85,11 +83,9 @@ fn peer_alive_probes_are_answered() {
 
 #[test]
 fn peer_dead_times_out_after_count_probes() {
-    if !privileged("peer_dead_times_out_after_count_probes") {
+    let Some((kalive, netns)) = start("peer_dead_times_out_after_count_probes", "dead") else {
         return;
-    }
-    let kalive = Kalive::start();
-    let netns = Netns::new("dead");
+    };
     let (kernel, error) = netns.run(|| {
         let before = tcp_ext();
         let listener = listen("127.0.0.1:0");
@@ -116,11 +112,9 @@ fn peer_dead_times_out_after_count_probes() {
 
 #[test]
 fn peer_rebooted_answers_a_probe_with_rst() {
-    if !privileged("peer_rebooted_answers_a_probe_with_rst") {
+    let Some((kalive, netns)) = start("peer_rebooted_answers_a_probe_with_rst", "rebooted") else {
         return;
-    }
-    let kalive = Kalive::start();
-    let netns = Netns::new("rebooted");
+    };
     let (kernel, error) = netns.run(|| {
         let before = tcp_ext();
         let listener = listen("127.0.0.1:0");
@@ -152,11 +146,9 @@ fn peer_rebooted_answers_a_probe_with_rst() {
 
 #[test]
 fn rst_while_idle_is_reset_not_rebooted() {
-    if !privileged("rst_while_idle_is_reset_not_rebooted") {
+    let Some((kalive, netns)) = start("rst_while_idle_is_reset_not_rebooted", "reset") else {
         return;
-    }
-    let kalive = Kalive::start();
-    let netns = Netns::new("reset");
+    };
     let (kernel, error) = netns.run(|| {
         let before = tcp_ext();
         let listener = listen("127.0.0.1:0");
@@ -191,11 +183,10 @@ fn rst_while_idle_is_reset_not_rebooted() {
 
 #[test]
 fn icmp_unreachable_peer_matches_the_kernel_verdict() {
-    if !privileged("icmp_unreachable_peer_matches_the_kernel_verdict") {
+    let Some((kalive, netns)) = start("icmp_unreachable_peer_matches_the_kernel_verdict", "icmp")
+    else {
         return;
-    }
-    let kalive = Kalive::start();
-    let netns = Netns::new("icmp");
+    };
     let name = netns.name().to_owned();
     let (kernel, error) = netns.run(|| {
         let before = tcp_ext();
@@ -258,11 +249,9 @@ fn nft(netns: &str, rules: &str) {
 
 #[test]
 fn keepalive_off_is_not_tracked() {
-    if !privileged("keepalive_off_is_not_tracked") {
+    let Some((kalive, netns)) = start("keepalive_off_is_not_tracked", "off") else {
         return;
-    }
-    let kalive = Kalive::start();
-    let netns = Netns::new("off");
+    };
     let kernel = netns.run(|| {
         let before = tcp_ext();
         let listener = listen("127.0.0.1:0");
@@ -280,11 +269,9 @@ fn keepalive_off_is_not_tracked() {
 
 #[test]
 fn ipv6_alive_and_dead() {
-    if !privileged("ipv6_alive_and_dead") {
+    let Some((kalive, netns)) = start("ipv6_alive_and_dead", "ipv6") else {
         return;
-    }
-    let kalive = Kalive::start();
-    let netns = Netns::new("ipv6");
+    };
     let kernel = netns.run(|| {
         let before = tcp_ext();
         let listener = listen("[::1]:0");
@@ -318,11 +305,10 @@ fn ipv6_alive_and_dead() {
 
 #[test]
 fn different_settings_at_once_and_sysctl_defaults() {
-    if !privileged("different_settings_at_once_and_sysctl_defaults") {
+    let Some((kalive, netns)) = start("different_settings_at_once_and_sysctl_defaults", "settings")
+    else {
         return;
-    }
-    let kalive = Kalive::start();
-    let netns = Netns::new("settings");
+    };
     let name = netns.name().to_owned();
     let slow = Keepalive {
         idle_s: 2,
@@ -400,13 +386,12 @@ fn different_settings_at_once_and_sysctl_defaults() {
 
 #[test]
 fn a_thousand_concurrent_keepalive_connections() {
-    if !privileged("a_thousand_concurrent_keepalive_connections") {
-        return;
-    }
     const CONNECTIONS: usize = 1_000;
+    let Some((kalive, netns)) = start("a_thousand_concurrent_keepalive_connections", "thousand")
+    else {
+        return;
+    };
     raise_fd_limit(8_192);
-    let kalive = Kalive::start();
-    let netns = Netns::new("thousand");
     let settings = Keepalive {
         idle_s: 1,
         interval_s: 1,

@@ -4,10 +4,7 @@
 //! in the run (`TimerRun`) and reported by `timer_run::finish`, so a timeout or an RST answering a
 //! probe arrives as one event with everything that happened.
 
-use aya_ebpf::{
-    helpers::{bpf_jiffies64, bpf_ktime_get_boot_ns},
-    programs::TracePointContext,
-};
+use aya_ebpf::{helpers::bpf_ktime_get_boot_ns, programs::TracePointContext};
 use kalive_common::{
     event_flag, event_kind, ConnState, Event, TimerRun, AF_INET6, IPPROTO_TCP, REASON_UNKNOWN,
 };
@@ -56,9 +53,8 @@ fn event_for(kind: u32, sock: u64) -> Option<(&'static mut Event, bool)> {
     let event = scratch_event()?;
     event.kind = kind;
     event.sock = sock;
-    // SAFETY: helpers without arguments.
+    // SAFETY: helper without arguments.
     event.time_ns = unsafe { bpf_ktime_get_boot_ns() };
-    event.jiffies = unsafe { bpf_jiffies64() };
     event.reset_reason = REASON_UNKNOWN;
     if sock == 0 {
         return Some((event, false));

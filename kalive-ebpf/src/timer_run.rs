@@ -192,7 +192,6 @@ fn record(run: &TimerRun) {
     event.kind = event_kind::TIMER_RUN;
     event.sock = sock;
     event.time_ns = now_ns;
-    event.jiffies = run.start_jiffies;
     event.error = run.close_error;
     event.reset_reason = run.reset_sent_reason;
     event.old_state = run.state_before;

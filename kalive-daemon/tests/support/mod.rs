@@ -37,6 +37,14 @@ pub fn privileged(test: &str) -> bool {
     false
 }
 
+/// The start of every privileged test: the privilege gate, the collector and a namespace.
+pub fn start(test: &str, netns_tag: &str) -> Option<(Kalive, Netns)> {
+    if !privileged(test) {
+        return None;
+    }
+    Some((Kalive::start(), Netns::new(netns_tag)))
+}
+
 /// A network namespace of the test's own, removed on drop.
 pub struct Netns {
     name: String,
