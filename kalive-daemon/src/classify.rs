@@ -74,24 +74,76 @@ pub struct Ending {
     pub reset_received: bool,
     /// ... while a probe was outstanding, or during a timer run (the peer answered a probe).
     pub reset_during_probe: bool,
+    /// The keepalive timer sent an RST with reason TCP_KEEPALIVE_TIMEOUT (tcp:tcp_send_reset;
+    /// kernels without that reason never set this).
+    pub keepalive_reset_sent: bool,
+}
+
+/// The observation that decided an outcome, so a report can say why (and older kernels, which
+/// lack some signals, can be told apart from newer ones).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Signal {
+    /// An RST arrived while a probe was outstanding, or inside the timer run that sent it.
+    ResetDuringProbe,
+    /// The keepalive timer sent an RST with reason TCP_KEEPALIVE_TIMEOUT (tcp:tcp_send_reset).
+    KeepaliveResetReason,
+    /// sk_err (ETIMEDOUT, or an ICMP error) when the keepalive timer closed the socket.
+    TimerCloseError,
+    /// An RST arrived while no probe was outstanding.
+    ResetWhileIdle,
+    /// A close without keepalive error or RST.
+    Close,
+}
+
+impl Signal {
+    /// The name used in logs and reports.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Signal::ResetDuringProbe => "rst_during_probe",
+            Signal::KeepaliveResetReason => "rst_reason_keepalive_timeout",
+            Signal::TimerCloseError => "sk_err_at_timer_close",
+            Signal::ResetWhileIdle => "rst_while_idle",
+            Signal::Close => "close",
+        }
+    }
+}
+
+impl fmt::Display for Signal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
 }
 
 /// The final peer state of an ended connection.
 pub fn outcome(ending: &Ending) -> PeerState {
+    decide(ending).0
+}
+
+/// The final peer state of an ended connection and the signal that decided it.
+///
+/// A keepalive timeout is recognised by the RST reason TCP_KEEPALIVE_TIMEOUT where the kernel
+/// reports one, and otherwise by the socket error the timer left; both give the same state.
+pub fn decide(ending: &Ending) -> (PeerState, Signal) {
     if ending.reset_received && ending.reset_during_probe {
-        return PeerState::Rebooted;
+        return (PeerState::Rebooted, Signal::ResetDuringProbe);
     }
-    if ending.by_keepalive_timer && ending.error != 0 {
-        return if ending.error == libc::ETIMEDOUT {
+    if ending.by_keepalive_timer && (ending.keepalive_reset_sent || ending.error != 0) {
+        let state = if ending.error == libc::ETIMEDOUT || ending.error == 0 {
             PeerState::Dead
         } else {
             PeerState::Unreachable
         };
+        let signal = if ending.keepalive_reset_sent {
+            Signal::KeepaliveResetReason
+        } else {
+            Signal::TimerCloseError
+        };
+        return (state, signal);
     }
     if ending.reset_received {
-        return PeerState::Reset;
+        return (PeerState::Reset, Signal::ResetWhileIdle);
     }
-    PeerState::Closed
+    (PeerState::Closed, Signal::Close)
 }
 
 /// The errno's symbolic name, for logs ("ETIMEDOUT"), or its number.
@@ -177,6 +229,59 @@ mod tests {
             ..Ending::default()
         };
         assert_eq!(outcome(&fin_wait), PeerState::Closed);
+    }
+
+    #[test]
+    fn keepalive_timeout_is_dead_with_or_without_the_reset_reason() {
+        let without_reason = Ending {
+            by_keepalive_timer: true,
+            error: libc::ETIMEDOUT,
+            ..Ending::default()
+        };
+        assert_eq!(
+            decide(&without_reason),
+            (PeerState::Dead, Signal::TimerCloseError)
+        );
+        let with_reason = Ending {
+            keepalive_reset_sent: true,
+            ..without_reason
+        };
+        assert_eq!(
+            decide(&with_reason),
+            (PeerState::Dead, Signal::KeepaliveResetReason)
+        );
+        // The reason alone decides when sk_err could not be read.
+        let reason_only = Ending {
+            error: 0,
+            ..with_reason
+        };
+        assert_eq!(decide(&reason_only).0, PeerState::Dead);
+        // An ICMP error left on the socket still makes it unreachable.
+        let icmp = Ending {
+            error: libc::EHOSTUNREACH,
+            ..with_reason
+        };
+        assert_eq!(
+            decide(&icmp),
+            (PeerState::Unreachable, Signal::KeepaliveResetReason)
+        );
+    }
+
+    #[test]
+    fn signals_of_resets_and_closes() {
+        let rebooted = Ending {
+            reset_received: true,
+            reset_during_probe: true,
+            ..Ending::default()
+        };
+        assert_eq!(decide(&rebooted).1, Signal::ResetDuringProbe);
+        let idle = Ending {
+            reset_received: true,
+            ..Ending::default()
+        };
+        assert_eq!(decide(&idle).1, Signal::ResetWhileIdle);
+        assert_eq!(decide(&Ending::default()).1, Signal::Close);
+        assert_eq!(Signal::TimerCloseError.to_string(), "sk_err_at_timer_close");
     }
 
     #[test]

@@ -51,9 +51,10 @@ pub fn format_notice(notice: &Notice, log_probes: bool) -> Option<String> {
             )
         }
         Notice::Ended(ended) => format!(
-            "event=outcome outcome={} error={} {}",
+            "event=outcome outcome={} error={} signal={} {}",
             ended.outcome,
             errno_name(ended.error),
+            ended.signal,
             describe(&ended.connection)
         ),
     })

@@ -10,7 +10,7 @@ use std::{
 use kalive_common::{event_flag, event_kind, ConnState, Event};
 
 use crate::{
-    classify::{live_state, outcome, Ending, PeerState},
+    classify::{decide, live_state, Ending, PeerState, Signal},
     event::endpoints,
 };
 
@@ -57,6 +57,8 @@ pub struct Connection {
 pub struct EndedConnection {
     pub connection: Connection,
     pub outcome: PeerState,
+    /// What decided `outcome`.
+    pub signal: Signal,
     pub error: i32,
     pub ended_ns: u64,
 }
@@ -88,6 +90,9 @@ pub enum Notice {
     ProbeSendFailed(Connection),
     Ended(EndedConnection),
 }
+
+/// `KernelUnits::reset_reason` of SK_RST_REASON_TCP_KEEPALIVE_TIMEOUT.
+const KEEPALIVE_RESET_REASON: &str = "tcp_keepalive_timeout";
 
 /// Conversions the kernel's units need.
 #[derive(Clone, Debug)]
@@ -288,11 +293,14 @@ impl ConnectionTable {
         }
 
         if flags & event_flag::CLOSED_IN_RUN != 0 {
+            let keepalive_reset_sent = flags & event_flag::RESET_SENT_IN_RUN != 0
+                && self.units.reset_reason(event.reset_reason) == KEEPALIVE_RESET_REASON;
             let ending = Ending {
                 by_keepalive_timer: true,
                 error: event.error,
                 reset_received: conn.reset_received,
                 reset_during_probe: conn.reset_during_probe,
+                keepalive_reset_sent,
             };
             notices.push(Notice::Ended(self.end(
                 event.sock,
@@ -352,6 +360,7 @@ impl ConnectionTable {
             reset_received: conn.reset_received,
             reset_during_probe: conn.reset_during_probe
                 || (conn.reset_received && event.flags & event_flag::DURING_PROBE != 0),
+            keepalive_reset_sent: false,
         };
         vec![Notice::Ended(self.end(
             event.sock,
@@ -369,7 +378,7 @@ impl ConnectionTable {
         time_ns: u64,
     ) -> EndedConnection {
         self.live.remove(&sock);
-        let result = outcome(ending);
+        let (result, signal) = decide(ending);
         conn.peer_state = result;
         if ending.error != 0 {
             conn.last_error = ending.error;
@@ -382,6 +391,7 @@ impl ConnectionTable {
         let ended = EndedConnection {
             connection: conn,
             outcome: result,
+            signal,
             error: ending.error,
             ended_ns: time_ns,
         };
@@ -464,6 +474,7 @@ mod tests {
         assert_eq!(table.connections().count(), 0);
         let ended = table.history().next().unwrap();
         assert_eq!(ended.outcome, PeerState::Dead);
+        assert_eq!(ended.signal, Signal::TimerCloseError);
         assert_eq!(ended.connection.probes_sent, 3);
         assert_eq!(ended.connection.settings.idle, Duration::from_secs(1));
         let totals = table.totals(4026531840);
@@ -471,6 +482,41 @@ mod tests {
         assert_eq!(totals.outcomes["dead"], 1);
         assert!(matches!(notices[0], Notice::Tracked(_)));
         assert!(matches!(notices.last(), Some(Notice::Ended(_))));
+    }
+
+    #[test]
+    fn keepalive_reset_reason_decides_the_timeout_where_the_kernel_has_it() {
+        let mut table = table();
+        let state = conn_state(40002);
+        table.apply(&run(9, state, event_flag::FIRST_SEEN));
+        // The reason value is this kernel's (from BTF): 9 in `table()`.
+        let mut timeout = run(
+            9,
+            state,
+            event_flag::CLOSED_IN_RUN | event_flag::RESET_SENT_IN_RUN,
+        );
+        timeout.error = libc::ETIMEDOUT;
+        timeout.reset_reason = 9;
+        table.apply(&timeout);
+        let ended = table.history().next().unwrap();
+        assert_eq!(
+            (ended.outcome, ended.signal),
+            (PeerState::Dead, Signal::KeepaliveResetReason)
+        );
+
+        // An RST with another reason is not the keepalive timeout's.
+        let other = conn_state(40003);
+        table.apply(&run(10, other, event_flag::FIRST_SEEN));
+        let mut timeout = run(
+            10,
+            other,
+            event_flag::CLOSED_IN_RUN | event_flag::RESET_SENT_IN_RUN,
+        );
+        timeout.error = libc::ETIMEDOUT;
+        timeout.reset_reason = 3;
+        table.apply(&timeout);
+        let ended = table.history().next().unwrap();
+        assert_eq!(ended.signal, Signal::TimerCloseError);
     }
 
     #[test]
