@@ -5,7 +5,9 @@
 //!   `tracefs`, and attaches them in a hook mode;
 //! - kalive-ebpf's `timer_run.rs`: where a keepalive probe is counted, in the kernel;
 //! - `collector`: drains the ring buffer into the `table` and logs through `report`;
-//! - `classify`: the peer state rules (alive, probing, dead, rebooted, unreachable, reset, closed).
+//! - `classify`: the peer state rules (alive, probing, dead, rebooted, unreachable, reset, closed);
+//! - `scenarios` (feature `scenarios`): real keepalive scenarios checked against the kernel's
+//!   counters, shared by the privileged tests and the VM guest (`examples/vm_guest.rs`).
 
 pub mod btf_layout;
 pub mod classify;
@@ -16,5 +18,7 @@ pub mod hz;
 pub mod kallsyms;
 pub mod loader;
 pub mod report;
+#[cfg(feature = "scenarios")]
+pub mod scenarios;
 pub mod table;
 pub mod tracefs;

@@ -1,12 +1,19 @@
 //! Real connections in their own network namespaces, compared with the kernel's own TcpExt
 //! counters for that namespace (TCPKeepAlive: probes sent; TCPAbortOnTimeout: timer aborts) and
 //! with what the application sees (SO_ERROR). Run as root, one at a time (`--test-threads=1`).
+//!
+//! The core scenarios live in `kalive_daemon::scenarios`, shared with the VM guest of
+//! `cargo xtask vm-test`, which runs them on other kernels in every hook mode.
 
 mod support;
 
 use std::{net::TcpStream, time::Duration};
 
-use kalive_daemon::{classify::PeerState, table::Totals};
+use kalive_daemon::{
+    classify::PeerState,
+    scenarios::{self, Scenario},
+    table::Totals,
+};
 use support::*;
 
 /// idle 1 s, interval 1 s, 3 probes: a dead peer is declared after about 4 s.
@@ -17,6 +24,55 @@ const FAST: Keepalive = Keepalive {
 };
 /// Long enough for any scenario here: idle + count x interval + margin.
 const OUTCOME_WAIT: Duration = Duration::from_secs(15);
+
+/// Runs one shared scenario in a namespace of its own and checks kalive against the kernel.
+fn shared_scenario(test: &str, scenario: Scenario) {
+    let Some(kalive) = start_kalive(test) else {
+        return;
+    };
+    let netns = scenarios::Netns::new().unwrap_or_else(|err| panic!("{test}: {err}"));
+    let run = scenarios::run(scenario, &netns).unwrap_or_else(|err| panic!("{test}: {err}"));
+    let verified = kalive
+        .verify(&run, OUTCOME_WAIT)
+        .unwrap_or_else(|err| panic!("{test}: kalive disagrees with the kernel: {err}"));
+    assert_eq!(verified.connections.len(), run.expected.len());
+    for conn in &verified.connections {
+        eprintln!("{test}: {}", conn.compact());
+    }
+}
+
+#[test]
+fn peer_alive_probes_are_answered() {
+    shared_scenario("peer_alive_probes_are_answered", Scenario::Alive);
+}
+
+#[test]
+fn peer_dead_times_out_after_count_probes() {
+    shared_scenario("peer_dead_times_out_after_count_probes", Scenario::Dead);
+}
+
+#[test]
+fn peer_rebooted_answers_a_probe_with_rst() {
+    shared_scenario("peer_rebooted_answers_a_probe_with_rst", Scenario::Rebooted);
+}
+
+#[test]
+fn keepalive_off_is_not_tracked() {
+    shared_scenario("keepalive_off_is_not_tracked", Scenario::KeepaliveOff);
+}
+
+#[test]
+fn ipv6_alive_and_dead() {
+    shared_scenario("ipv6_alive_and_dead", Scenario::Ipv6);
+}
+
+#[test]
+fn different_settings_at_once_and_sysctl_defaults() {
+    shared_scenario(
+        "different_settings_at_once_and_sysctl_defaults",
+        Scenario::Settings,
+    );
+}
 
 fn assert_matches_kernel(kalive: &Totals, kernel: KernelDelta) {
     assert_eq!(
@@ -41,107 +97,6 @@ fn outcomes(kalive: &Kalive, netns: &Netns) -> Vec<PeerState> {
 fn close_both(client: TcpStream, server: TcpStream) {
     drop(server);
     drop(client);
-}
-
-#[test]
-fn peer_alive_probes_are_answered() {
-    let Some((kalive, netns)) = start("peer_alive_probes_are_answered", "alive") else {
-        return;
-    };
-    let kernel = netns.run(|| {
-        let before = tcp_ext();
-        let listener = listen("127.0.0.1:0");
-        let (client, server) = connected_pair(&listener);
-        enable_keepalive(&client, Some(FAST));
-        std::thread::sleep(Duration::from_millis(3_600));
-        assert_eq!(
-            socket_error(&client),
-            0,
-            "the connection must still be healthy"
-        );
-        close_both(client, server);
-        std::thread::sleep(Duration::from_millis(200));
-        delta(&before, &tcp_ext())
-    });
-    assert!(
-        kalive.wait_for_outcomes(netns.inum, 1, OUTCOME_WAIT),
-        "kalive saw no close"
-    );
-    let totals = kalive.totals(netns.inum);
-    assert_matches_kernel(&totals, kernel);
-    assert!(
-        kernel.keepalive_probes >= 2,
-        "the scenario must have probed: {kernel:?}"
-    );
-    // The last probe's answer may still be unseen when the connection closes.
-    assert!(
-        totals.probes_answered + 1 >= totals.probes_sent,
-        "{totals:?}"
-    );
-    assert_eq!(outcomes(&kalive, &netns), vec![PeerState::Closed]);
-}
-
-#[test]
-fn peer_dead_times_out_after_count_probes() {
-    let Some((kalive, netns)) = start("peer_dead_times_out_after_count_probes", "dead") else {
-        return;
-    };
-    let (kernel, error) = netns.run(|| {
-        let before = tcp_ext();
-        let listener = listen("127.0.0.1:0");
-        let (client, _server) = connected_pair(&listener);
-        enable_keepalive(&client, Some(FAST));
-        drop_all_inbound(&client);
-        std::thread::sleep(Duration::from_secs(6));
-        (delta(&before, &tcp_ext()), socket_error(&client))
-    });
-    assert_eq!(error, libc::ETIMEDOUT, "the application sees ETIMEDOUT");
-    assert_eq!(kernel.keepalive_probes, FAST.count as u64);
-    assert_eq!(kernel.aborts_on_timeout, 1);
-    assert!(
-        kalive.wait_for_outcomes(netns.inum, 1, OUTCOME_WAIT),
-        "kalive saw no outcome"
-    );
-    assert_matches_kernel(&kalive.totals(netns.inum), kernel);
-    let ended = kalive.ended(netns.inum);
-    assert_eq!(ended[0].outcome, PeerState::Dead);
-    assert_eq!(ended[0].error, libc::ETIMEDOUT);
-    assert_eq!(ended[0].connection.probes_answered, 0);
-    assert_eq!(ended[0].connection.probes_outstanding, FAST.count as u32);
-}
-
-#[test]
-fn peer_rebooted_answers_a_probe_with_rst() {
-    let Some((kalive, netns)) = start("peer_rebooted_answers_a_probe_with_rst", "rebooted") else {
-        return;
-    };
-    let (kernel, error) = netns.run(|| {
-        let before = tcp_ext();
-        let listener = listen("127.0.0.1:0");
-        let (client, server) = connected_pair(&listener);
-        enable_keepalive(&client, Some(FAST));
-        // The peer "crashes": its RST is lost on the way, then it "reboots" with no state.
-        drop_all_inbound(&client);
-        close_with_rst(server);
-        std::thread::sleep(Duration::from_millis(100));
-        detach_filter(&client);
-        drop(listener);
-        std::thread::sleep(Duration::from_millis(2_500));
-        (delta(&before, &tcp_ext()), socket_error(&client))
-    });
-    assert_eq!(error, libc::ECONNRESET, "the application sees ECONNRESET");
-    assert_eq!(
-        kernel.keepalive_probes, 1,
-        "one probe, answered by RST: {kernel:?}"
-    );
-    assert!(
-        kalive.wait_for_outcomes(netns.inum, 1, OUTCOME_WAIT),
-        "kalive saw no outcome"
-    );
-    let totals = kalive.totals(netns.inum);
-    assert_matches_kernel(&totals, kernel);
-    assert_eq!(outcomes(&kalive, &netns), vec![PeerState::Rebooted]);
-    assert_eq!(totals.resets_received_during_probe, 1);
 }
 
 #[test]
@@ -245,143 +200,6 @@ fn nft(netns: &str, rules: &str) {
         child.wait().expect("nft").success(),
         "nft rejected:\n{rules}"
     );
-}
-
-#[test]
-fn keepalive_off_is_not_tracked() {
-    let Some((kalive, netns)) = start("keepalive_off_is_not_tracked", "off") else {
-        return;
-    };
-    let kernel = netns.run(|| {
-        let before = tcp_ext();
-        let listener = listen("127.0.0.1:0");
-        let (client, server) = connected_pair(&listener);
-        std::thread::sleep(Duration::from_secs(3));
-        close_both(client, server);
-        std::thread::sleep(Duration::from_millis(300));
-        delta(&before, &tcp_ext())
-    });
-    assert_eq!(kernel.keepalive_probes, 0);
-    assert!(kalive.live(netns.inum).is_empty());
-    assert!(kalive.ended(netns.inum).is_empty());
-    assert_eq!(kalive.totals(netns.inum), Totals::default());
-}
-
-#[test]
-fn ipv6_alive_and_dead() {
-    let Some((kalive, netns)) = start("ipv6_alive_and_dead", "ipv6") else {
-        return;
-    };
-    let kernel = netns.run(|| {
-        let before = tcp_ext();
-        let listener = listen("[::1]:0");
-        let (alive, alive_peer) = connected_pair(&listener);
-        let (dead, _dead_peer) = connected_pair(&listener);
-        enable_keepalive(&alive, Some(FAST));
-        enable_keepalive(&dead, Some(FAST));
-        drop_all_inbound(&dead);
-        std::thread::sleep(Duration::from_secs(6));
-        assert_eq!(socket_error(&dead), libc::ETIMEDOUT);
-        close_both(alive, alive_peer);
-        std::thread::sleep(Duration::from_millis(300));
-        delta(&before, &tcp_ext())
-    });
-    assert!(
-        kalive.wait_for_outcomes(netns.inum, 2, OUTCOME_WAIT),
-        "kalive saw too few outcomes"
-    );
-    assert_matches_kernel(&kalive.totals(netns.inum), kernel);
-    let ended = kalive.ended(netns.inum);
-    assert!(
-        ended
-            .iter()
-            .all(|e| e.connection.remote.ip().to_string() == "::1"),
-        "{ended:?}"
-    );
-    let mut states: Vec<_> = ended.iter().map(|e| e.outcome.name()).collect();
-    states.sort();
-    assert_eq!(states, vec!["closed", "dead"]);
-}
-
-#[test]
-fn different_settings_at_once_and_sysctl_defaults() {
-    let Some((kalive, netns)) = start("different_settings_at_once_and_sysctl_defaults", "settings")
-    else {
-        return;
-    };
-    let name = netns.name().to_owned();
-    let slow = Keepalive {
-        idle_s: 2,
-        interval_s: 1,
-        count: 2,
-    };
-    let (kernel, ports) = netns.run(|| {
-        for (key, value) in [
-            ("tcp_keepalive_time", "1"),
-            ("tcp_keepalive_intvl", "2"),
-            ("tcp_keepalive_probes", "2"),
-        ] {
-            let status = std::process::Command::new("ip")
-                .args([
-                    "netns",
-                    "exec",
-                    &name,
-                    "sysctl",
-                    "-q",
-                    "-w",
-                    &format!("net.ipv4.{key}={value}"),
-                ])
-                .status()
-                .expect("sysctl");
-            assert!(status.success(), "sysctl {key} failed");
-        }
-        let before = tcp_ext();
-        let listener = listen("127.0.0.1:0");
-        let (fast, _p1) = connected_pair(&listener);
-        let (slow_conn, _p2) = connected_pair(&listener);
-        let (defaults, _p3) = connected_pair(&listener);
-        enable_keepalive(&fast, Some(FAST));
-        enable_keepalive(&slow_conn, Some(slow));
-        enable_keepalive(&defaults, None);
-        for stream in [&fast, &slow_conn, &defaults] {
-            drop_all_inbound(stream);
-        }
-        std::thread::sleep(Duration::from_secs(8));
-        for stream in [&fast, &slow_conn, &defaults] {
-            assert_eq!(socket_error(stream), libc::ETIMEDOUT);
-        }
-        let port = |s: &TcpStream| s.local_addr().expect("address").port();
-        (
-            delta(&before, &tcp_ext()),
-            [port(&fast), port(&slow_conn), port(&defaults)],
-        )
-    });
-    assert_eq!(kernel.keepalive_probes, 3 + 2 + 2);
-    assert_eq!(kernel.aborts_on_timeout, 3);
-    assert!(
-        kalive.wait_for_outcomes(netns.inum, 3, OUTCOME_WAIT),
-        "kalive saw too few outcomes"
-    );
-    assert_matches_kernel(&kalive.totals(netns.inum), kernel);
-    let ended = kalive.ended(netns.inum);
-    let settings_of = |port: u16| {
-        let e = ended
-            .iter()
-            .find(|e| e.connection.local.port() == port)
-            .expect("connection");
-        let s = e.connection.settings;
-        (
-            s.idle.as_secs(),
-            s.interval.as_secs(),
-            s.probe_limit,
-            e.connection.probes_sent,
-            e.outcome,
-        )
-    };
-    assert_eq!(settings_of(ports[0]), (1, 1, 3, 3, PeerState::Dead));
-    assert_eq!(settings_of(ports[1]), (2, 1, 2, 2, PeerState::Dead));
-    // Only SO_KEEPALIVE: the namespace's sysctls apply.
-    assert_eq!(settings_of(ports[2]), (1, 2, 2, 2, PeerState::Dead));
 }
 
 #[test]

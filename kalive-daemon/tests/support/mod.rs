@@ -15,9 +15,11 @@ use std::{
     time::Duration,
 };
 
+pub use kalive_daemon::scenarios::{Keepalive, KernelDelta};
 use kalive_daemon::{
     collector::{Collector, CollectorOptions, State},
     loader::HookMode,
+    scenarios::{self, KernelRun, Verified},
     table::{EndedConnection, Totals},
 };
 use tokio_util::sync::CancellationToken;
@@ -39,10 +41,12 @@ pub fn privileged(test: &str) -> bool {
 
 /// The start of every privileged test: the privilege gate, the collector and a namespace.
 pub fn start(test: &str, netns_tag: &str) -> Option<(Kalive, Netns)> {
-    if !privileged(test) {
-        return None;
-    }
-    Some((Kalive::start(), Netns::new(netns_tag)))
+    start_kalive(test).map(|kalive| (kalive, Netns::new(netns_tag)))
+}
+
+/// The privilege gate and the collector.
+pub fn start_kalive(test: &str) -> Option<Kalive> {
+    privileged(test).then(Kalive::start)
 }
 
 /// A network namespace of the test's own, removed on drop.
@@ -109,133 +113,49 @@ impl Drop for Netns {
     }
 }
 
-/// The calling thread's network namespace's TcpExt counters (/proc/net/netstat).
-pub fn tcp_ext() -> BTreeMap<String, u64> {
-    let text = std::fs::read_to_string("/proc/thread-self/net/netstat").expect("read netstat");
-    let mut lines = text.lines().filter(|line| line.starts_with("TcpExt:"));
-    let (Some(names), Some(values)) = (lines.next(), lines.next()) else {
-        panic!("no TcpExt lines in /proc/thread-self/net/netstat");
-    };
-    names
-        .split_whitespace()
-        .zip(values.split_whitespace())
-        .skip(1)
-        .map(|(name, value)| (name.to_owned(), value.parse().expect("TcpExt value")))
-        .collect()
+// The socket and counter helpers are the shared scenarios' own (`kalive_daemon::scenarios`);
+// here a failure fails the test.
+
+fn or_panic<T>(result: Result<T, String>) -> T {
+    result.unwrap_or_else(|err| panic!("{err}"))
 }
 
-/// `after - before` for the counters kalive is compared with.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct KernelDelta {
-    pub keepalive_probes: u64,
-    pub aborts_on_timeout: u64,
-    pub out_of_window_icmps: u64,
+/// The calling thread's network namespace's TcpExt counters (/proc/net/netstat).
+pub fn tcp_ext() -> BTreeMap<String, u64> {
+    or_panic(scenarios::tcp_ext())
 }
 
 pub fn delta(before: &BTreeMap<String, u64>, after: &BTreeMap<String, u64>) -> KernelDelta {
-    let d = |name: &str| after[name] - before[name];
-    KernelDelta {
-        keepalive_probes: d("TCPKeepAlive"),
-        aborts_on_timeout: d("TCPAbortOnTimeout"),
-        out_of_window_icmps: d("OutOfWindowIcmps"),
-    }
-}
-
-#[derive(Debug, Clone, Copy)]
-pub struct Keepalive {
-    pub idle_s: i32,
-    pub interval_s: i32,
-    pub count: i32,
-}
-
-/// setsockopt with a value of type `T`; a failure fails the test.
-fn set_option<T>(stream: &impl AsRawFd, level: i32, name: i32, value: &T) {
-    // SAFETY: a valid socket fd and a pointer to a `T` of the size given.
-    let rc = unsafe {
-        libc::setsockopt(
-            stream.as_raw_fd(),
-            level,
-            name,
-            (value as *const T).cast(),
-            size_of::<T>() as libc::socklen_t,
-        )
-    };
-    assert_eq!(
-        rc,
-        0,
-        "setsockopt({level}, {name}) failed: {}",
-        std::io::Error::last_os_error()
-    );
-}
-
-fn set_int(stream: &impl AsRawFd, level: i32, name: i32, value: i32) {
-    set_option(stream, level, name, &value);
+    or_panic(scenarios::delta(before, after))
 }
 
 /// Turns keepalive on with per-socket settings (None: only SO_KEEPALIVE, the netns sysctls apply).
 pub fn enable_keepalive(stream: &TcpStream, settings: Option<Keepalive>) {
-    set_int(stream, libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1);
-    if let Some(ka) = settings {
-        set_int(stream, libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, ka.idle_s);
-        set_int(
-            stream,
-            libc::IPPROTO_TCP,
-            libc::TCP_KEEPINTVL,
-            ka.interval_s,
-        );
-        set_int(stream, libc::IPPROTO_TCP, libc::TCP_KEEPCNT, ka.count);
-    }
+    or_panic(scenarios::enable_keepalive(stream, settings));
 }
 
-/// A connected (client, accepted server) pair on `address` (e.g. "127.0.0.1:0", "[::1]:0").
+/// A connected (client, accepted server) pair to `listener`.
 pub fn connected_pair(listener: &TcpListener) -> (TcpStream, TcpStream) {
-    let address = listener.local_addr().expect("listener address");
-    let client = TcpStream::connect(address).expect("connect");
-    let (server, _) = listener.accept().expect("accept");
-    (client, server)
+    or_panic(scenarios::connected_pair(listener))
 }
 
 pub fn listen(address: &str) -> TcpListener {
-    TcpListener::bind(address).unwrap_or_else(|err| panic!("bind {address}: {err}"))
+    or_panic(scenarios::listen(address))
 }
 
-/// A classic BPF filter that drops everything this socket receives: its peer's ACKs never
-/// arrive, as if the peer had died.
+/// Drops everything this socket receives: its peer's ACKs never arrive, as if it had died.
 pub fn drop_all_inbound(stream: &TcpStream) {
-    let mut instructions = [libc::sock_filter {
-        code: 0x06,
-        jt: 0,
-        jf: 0,
-        k: 0,
-    }]; // ret #0
-    let program = libc::sock_fprog {
-        len: 1,
-        filter: instructions.as_mut_ptr(),
-    };
-    set_option(stream, libc::SOL_SOCKET, libc::SO_ATTACH_FILTER, &program);
-}
-
-pub fn detach_filter(stream: &TcpStream) {
-    set_int(stream, libc::SOL_SOCKET, libc::SO_DETACH_FILTER, 0);
+    or_panic(scenarios::drop_all_inbound(stream));
 }
 
 /// Closes with SO_LINGER 0: the kernel sends an RST and forgets the connection.
 pub fn close_with_rst(stream: TcpStream) {
-    let linger = libc::linger {
-        l_onoff: 1,
-        l_linger: 0,
-    };
-    set_option(&stream, libc::SOL_SOCKET, libc::SO_LINGER, &linger);
-    drop(stream);
+    or_panic(scenarios::close_with_rst(stream));
 }
 
 /// The socket's pending error (SO_ERROR), as the application would see it.
 pub fn socket_error(stream: &TcpStream) -> i32 {
-    stream
-        .take_error()
-        .expect("SO_ERROR")
-        .and_then(|err| err.raw_os_error())
-        .unwrap_or(0)
+    or_panic(scenarios::socket_error(stream))
 }
 
 /// The collector, in-process, through the daemon's own code path.
@@ -278,6 +198,12 @@ impl Kalive {
 
     fn collector(&self) -> &Collector {
         self.collector.as_ref().expect("collector running")
+    }
+
+    /// Compares kalive with a shared scenario's ground truth (`scenarios::verify`).
+    pub fn verify(&self, run: &KernelRun, timeout: Duration) -> Result<Verified, String> {
+        self.runtime
+            .block_on(scenarios::verify(self.collector(), run, timeout))
     }
 
     /// Waits until `check` holds (true) or `timeout` passes (false).
