@@ -3,6 +3,7 @@
 mod run;
 mod setup;
 mod test;
+mod vm;
 
 use std::{
     fs,
@@ -30,8 +31,10 @@ enum Task {
         #[arg(last = true)]
         args: Vec<String>,
     },
-    /// Check formatting and lints, then run the unit tests and (as root) the integration tests.
+    /// Check formatting and lints, run the unit tests, (as root) the integration tests, and vm-test.
     Test,
+    /// Boot Debian kernels in QEMU and run the core scenarios in every hook mode.
+    VmTest,
 }
 
 fn main() -> Result<()> {
@@ -39,6 +42,10 @@ fn main() -> Result<()> {
         Task::Setup => setup::setup(),
         Task::Run { args } => run::run(args),
         Task::Test => test::test(),
+        Task::VmTest => {
+            setup::setup()?;
+            vm::vm_test()
+        }
     }
 }
 

@@ -12,8 +12,15 @@ use anyhow::{bail, Context, Result};
 use crate::{is_root, probe, run_checked};
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
-/// Debian packages the privileged integration tests use.
-const APT_PACKAGES: [&str; 4] = ["nftables", "iproute2", "tcpdump", "procps"];
+/// Debian packages the privileged integration tests and vm-test (QEMU, cpio) use.
+const APT_PACKAGES: [&str; 6] = [
+    "nftables",
+    "iproute2",
+    "tcpdump",
+    "procps",
+    "qemu-system-x86",
+    "cpio",
+];
 const TRACEFS: &str = "/sys/kernel/tracing";
 const RUSTUP_HINT: &str = "check that rustup works and the network is reachable";
 const REINSTALL_NIGHTLY: &str = "reinstall it with `rustup toolchain install nightly --force`";

@@ -1,8 +1,9 @@
-//! `cargo xtask test`: the full check, in order: format, lints, unit tests, integration tests.
+//! `cargo xtask test`: the full check, in order: format, lints, unit tests, integration tests,
+//! and vm-test (every hook mode on Debian kernels in QEMU).
 
 use anyhow::{Context, Result};
 
-use crate::{cargo, is_root, probe, run_checked, setup};
+use crate::{cargo, is_root, probe, run_checked, setup, vm};
 
 /// Runs setup and then every step, stopping at the first failure. The environment is passed
 /// through unchanged (so `CI=true` reaches the tests).
@@ -25,6 +26,7 @@ pub fn test() -> Result<()> {
         "--exclude",
         "kalive-ebpf",
         "--all-targets",
+        "--all-features",
         "--",
         "-D",
         "warnings",
@@ -59,6 +61,9 @@ pub fn test() -> Result<()> {
         "--test-threads=1",
     ]))
     .context("step `integration tests` failed: fix the failing tests above")?;
+
+    // Every hook mode on Debian kernels in QEMU (no root needed on this side).
+    vm::vm_test().context("step `vm-test` failed: read the matrix and problems above")?;
 
     println!("all checks passed");
     Ok(())
