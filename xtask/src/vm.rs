@@ -307,11 +307,11 @@ fn download(options: &[String], release: &str, dir: &Path, root: &Path) -> Resul
     let image = format!("linux-image-{release}");
     let mut packages = vec![image.clone()];
     // Newer kernels split the image: vmlinuz in linux-binary-*, the config in linux-base-*.
-    packages.extend(
-        depends(options, &image)?
-            .into_iter()
-            .filter(|name| name.ends_with(release) && name != &image),
-    );
+    // (The modules are not needed: the guest uses only built-in code.)
+    packages.extend(depends(options, &image)?.into_iter().filter(|name| {
+        name.ends_with(release)
+            && (name.starts_with("linux-binary-") || name.starts_with("linux-base-"))
+    }));
     let debs = dir.join("debs");
     fs::create_dir_all(&debs)?;
     run_limited(
@@ -322,7 +322,7 @@ fn download(options: &[String], release: &str, dir: &Path, root: &Path) -> Resul
         APT_TIMEOUT,
         "downloading the kernel packages",
     )?;
-    let partial = root.with_extension("partial");
+    let partial = dir.join(format!("{release}.partial"));
     let _ = fs::remove_dir_all(&partial);
     fs::create_dir_all(&partial)?;
     for entry in fs::read_dir(&debs)? {
