@@ -1,8 +1,14 @@
 //! The command line.
 
+use std::{net::SocketAddr, path::PathBuf};
+
 use clap::{Parser, Subcommand};
 
-use crate::loader::HookMode;
+use crate::{
+    http::DEFAULT_LISTEN,
+    loader::HookMode,
+    metrics::{ExtraLabel, DEFAULT_MAX_SERIES},
+};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -34,4 +40,21 @@ pub struct RunArgs {
     /// Do not log each probe (outcomes are always logged).
     #[arg(long)]
     pub quiet_probes: bool,
+
+    /// Address and port of the HTTP server (/metrics, /api/v1/..., /healthz). Port 0 picks a free
+    /// port (logged at start).
+    #[arg(long, default_value = DEFAULT_LISTEN)]
+    pub listen: SocketAddr,
+
+    /// TLS and basic auth settings, in the Prometheus exporter-toolkit web-config format.
+    #[arg(long = "web.config.file", value_name = "FILE")]
+    pub web_config_file: Option<PathBuf>,
+
+    /// Labels to add to the per-connection counters beyond direction and port (comma-separated).
+    #[arg(long, value_enum, value_delimiter = ',')]
+    pub labels: Vec<ExtraLabel>,
+
+    /// Most label sets the per-connection counters may have; more are folded into port="other".
+    #[arg(long, default_value_t = DEFAULT_MAX_SERIES as u32, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub max_series: u32,
 }

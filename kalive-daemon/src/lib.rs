@@ -7,14 +7,18 @@
 //! - `collector`: drains the ring buffer into the `table` and logs through `report`;
 //! - `classify`: the peer state rules (alive, probing, dead, rebooted, unreachable, reset, closed).
 
+pub mod api;
 pub mod btf_layout;
 pub mod classify;
 pub mod cli;
 pub mod collector;
 pub mod event;
+pub mod http;
 pub mod hz;
 pub mod kallsyms;
 pub mod loader;
+pub mod metrics;
 pub mod report;
 pub mod table;
 pub mod tracefs;
+pub mod web_config;

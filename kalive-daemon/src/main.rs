@@ -2,9 +2,14 @@
 
 use anyhow::Context as _;
 use clap::Parser as _;
+use std::sync::Arc;
+
 use kalive_daemon::{
     cli::{Cli, Command, RunArgs},
     collector::{Collector, CollectorOptions},
+    http,
+    metrics::SeriesOptions,
+    web_config::WebConfig,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -37,17 +42,42 @@ fn main() -> std::process::ExitCode {
 }
 
 async fn run(args: RunArgs) -> anyhow::Result<()> {
+    // Configuration and the port first: a mistake there fails before the programs load.
+    let web = match &args.web_config_file {
+        Some(path) => WebConfig::load(path)?,
+        None => WebConfig::default(),
+    };
+    let listener = http::bind(args.listen).await?;
+    let address = listener.local_addr().unwrap_or(args.listen);
+
     let cancel = CancellationToken::new();
+    let mut labels = args.labels;
+    labels.sort_unstable();
+    labels.dedup();
     let collector = Collector::start(
         CollectorOptions {
             hook_mode: args.hook_mode,
             history_limit: args.history as usize,
             log_probes: !args.quiet_probes,
+            series: SeriesOptions {
+                extra_labels: labels,
+                max_series: args.max_series as usize,
+            },
         },
         cancel.clone(),
     )
     .context("kalive-daemon could not start")?;
     log::info!("kalive-daemon running, hook mode {}", collector.mode);
+    let scheme = if web.tls.is_some() { "https" } else { "http" };
+    log::info!(
+        "serving {scheme}://{address}/metrics, /api/v1/connections, /api/v1/events, /healthz"
+    );
+    let app = Arc::new(http::App {
+        state: collector.state.clone(),
+        web,
+        limits: http::Limits::default(),
+    });
+    tokio::spawn(http::serve(listener, app, cancel.clone()));
     tokio::spawn(shutdown_on_signal(cancel));
     collector.wait().await.context("the collector stopped")?;
     log::info!("kalive-daemon stopped");

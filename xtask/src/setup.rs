@@ -13,7 +13,17 @@ use crate::{is_root, probe, run_checked};
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// Debian packages the privileged integration tests use.
-const APT_PACKAGES: [&str; 4] = ["nftables", "iproute2", "tcpdump", "procps"];
+// prometheus provides promtool and the server the metrics tests scrape with; curl and openssl
+// are the independent HTTPS client and certificate maker of the web-config test.
+const APT_PACKAGES: [&str; 7] = [
+    "nftables",
+    "iproute2",
+    "tcpdump",
+    "procps",
+    "prometheus",
+    "curl",
+    "openssl",
+];
 const TRACEFS: &str = "/sys/kernel/tracing";
 const RUSTUP_HINT: &str = "check that rustup works and the network is reachable";
 const REINSTALL_NIGHTLY: &str = "reinstall it with `rustup toolchain install nightly --force`";

@@ -263,6 +263,7 @@ impl Kalive {
             hook_mode: mode,
             history_limit: 100_000,
             log_probes: false,
+            series: Default::default(),
         };
         let collector = {
             let _guard = runtime.enter();
@@ -295,7 +296,7 @@ impl Kalive {
         let state = self.collector().state.lock();
         let mut ended: Vec<_> = state
             .table
-            .history()
+            .ended()
             .filter(|e| e.connection.netns == netns)
             .cloned()
             .collect();
@@ -318,7 +319,7 @@ impl Kalive {
         self.wait_for(timeout, |state| {
             state
                 .table
-                .history()
+                .ended()
                 .filter(|e| e.connection.netns == netns)
                 .count()
                 >= count

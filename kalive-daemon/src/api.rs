@@ -1,0 +1,411 @@
+//! The JSON API's bodies and query parameters: `/api/v1/connections` and `/api/v1/events`.
+//! Pure functions of the table, so they are tested without a server.
+
+use std::net::{IpAddr, SocketAddr};
+
+use serde::Serialize;
+
+use crate::{
+    classify::errno_name,
+    table::{Change, Connection, ConnectionTable, HistoryEntry},
+};
+
+/// Default and largest number of connections in one answer.
+pub const DEFAULT_CONNECTIONS_LIMIT: usize = 10_000;
+pub const MAX_CONNECTIONS_LIMIT: usize = 100_000;
+/// Default and largest number of history entries in one answer.
+pub const DEFAULT_EVENTS_LIMIT: usize = 1_000;
+pub const MAX_EVENTS_LIMIT: usize = 10_000;
+
+/// A query the API cannot answer: the message says what is wrong and what is accepted.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct QueryError(pub String);
+
+/// The clock the kernel's CLOCK_BOOTTIME stamps are converted with, read once per request.
+#[derive(Clone, Copy, Debug)]
+pub struct Clock {
+    pub boot_ns: u64,
+    pub unix_seconds: f64,
+}
+
+impl Clock {
+    pub fn now() -> Clock {
+        let mut boot = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: a valid timespec to write into.
+        unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut boot) };
+        let boot_ns = u64::try_from(boot.tv_sec).unwrap_or(0) * 1_000_000_000
+            + u64::try_from(boot.tv_nsec).unwrap_or(0);
+        let unix_seconds = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0.0, |since| since.as_secs_f64());
+        Clock {
+            boot_ns,
+            unix_seconds,
+        }
+    }
+
+    /// Seconds since the stamp (0 for stamps in the future).
+    pub fn age(&self, boot_ns: u64) -> f64 {
+        self.boot_ns.saturating_sub(boot_ns) as f64 / 1e9
+    }
+
+    pub fn unix(&self, boot_ns: u64) -> f64 {
+        self.unix_seconds - self.age(boot_ns)
+    }
+}
+
+/// Splits a query string into (name, value) pairs, refusing unknown and repeated names.
+fn parameters(
+    query: Option<&str>,
+    known: &[&str],
+) -> Result<Vec<(String, String)>, QueryError> {
+    let mut seen: Vec<(String, String)> = Vec::new();
+    for (name, value) in form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
+        if !known.contains(&name.as_ref()) {
+            return Err(QueryError(format!(
+                "unknown query parameter {name:?}; accepted: {}",
+                known.join(", ")
+            )));
+        }
+        if seen.iter().any(|(seen_name, _)| *seen_name == name) {
+            return Err(QueryError(format!(
+                "query parameter {name:?} is given twice; give it once"
+            )));
+        }
+        seen.push((name.into_owned(), value.into_owned()));
+    }
+    Ok(seen)
+}
+
+fn limit(value: &str, max: usize) -> Result<usize, QueryError> {
+    match value.parse::<usize>() {
+        Ok(n) if (1..=max).contains(&n) => Ok(n),
+        _ => Err(QueryError(format!(
+            "limit={value:?} is not a number from 1 to {max}"
+        ))),
+    }
+}
+
+/// `remote=`: an address, or an address and port.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RemoteFilter {
+    Addr(IpAddr),
+    Endpoint(SocketAddr),
+}
+
+/// The filters of `/api/v1/connections`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConnectionsQuery {
+    /// Peer state name (alive, probing, rebooted, reset).
+    pub state: Option<&'static str>,
+    /// Matches the local or the remote port.
+    pub port: Option<u16>,
+    pub remote: Option<RemoteFilter>,
+    pub limit: usize,
+}
+
+/// The states a tracked (live) connection can be in.
+const LIVE_STATES: [&str; 4] = ["alive", "probing", "rebooted", "reset"];
+/// States that end a connection: found in /api/v1/events, never among live connections.
+const FINAL_STATES: [&str; 3] = ["dead", "unreachable", "closed"];
+
+impl ConnectionsQuery {
+    pub fn parse(query: Option<&str>) -> Result<ConnectionsQuery, QueryError> {
+        let mut parsed = ConnectionsQuery {
+            state: None,
+            port: None,
+            remote: None,
+            limit: DEFAULT_CONNECTIONS_LIMIT,
+        };
+        for (name, value) in parameters(query, &["state", "port", "remote", "limit"])? {
+            match name.as_str() {
+                "state" => {
+                    if let Some(state) = LIVE_STATES.iter().find(|s| **s == value) {
+                        parsed.state = Some(state);
+                    } else if FINAL_STATES.contains(&value.as_str()) {
+                        return Err(QueryError(format!(
+                            "state={value}: connections in that state have ended; \
+                             see /api/v1/events"
+                        )));
+                    } else {
+                        return Err(QueryError(format!(
+                            "state={value:?} is not a peer state; use one of {}",
+                            LIVE_STATES.join(", ")
+                        )));
+                    }
+                }
+                "port" => {
+                    parsed.port = Some(value.parse().map_err(|_| {
+                        QueryError(format!("port={value:?} is not a port number (0-65535)"))
+                    })?);
+                }
+                "remote" => {
+                    parsed.remote = Some(if let Ok(addr) = value.parse::<IpAddr>() {
+                        RemoteFilter::Addr(addr)
+                    } else if let Ok(endpoint) = value.parse::<SocketAddr>() {
+                        RemoteFilter::Endpoint(endpoint)
+                    } else {
+                        return Err(QueryError(format!(
+                            "remote={value:?} is not an address (10.0.0.1, ::1) or an \
+                             address and port (10.0.0.1:443, [::1]:443)"
+                        )));
+                    });
+                }
+                _ => parsed.limit = limit(&value, MAX_CONNECTIONS_LIMIT)?,
+            }
+        }
+        Ok(parsed)
+    }
+
+    fn matches(&self, conn: &Connection) -> bool {
+        self.state
+            .is_none_or(|state| conn.peer_state.name() == state)
+            && self
+                .port
+                .is_none_or(|port| conn.local.port() == port || conn.remote.port() == port)
+            && self.remote.is_none_or(|remote| match remote {
+                RemoteFilter::Addr(addr) => conn.remote.ip() == addr,
+                RemoteFilter::Endpoint(endpoint) => conn.remote == endpoint,
+            })
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct KeepaliveJson {
+    pub enabled: bool,
+    pub idle_seconds: f64,
+    pub interval_seconds: f64,
+    pub probes: u32,
+    pub user_timeout_seconds: Option<f64>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ConnectionJson {
+    pub id: u64,
+    pub netns: u32,
+    pub direction: &'static str,
+    pub local_addr: String,
+    pub local_port: u16,
+    pub remote_addr: String,
+    pub remote_port: u16,
+    pub keepalive: KeepaliveJson,
+    pub probes_sent: u64,
+    pub probes_answered: u64,
+    pub probes_outstanding: u32,
+    pub probe_send_failures: u64,
+    pub last_probe_unix_seconds: Option<f64>,
+    pub last_probe_age_seconds: Option<f64>,
+    /// How long the connection had received nothing at its last keepalive timer run.
+    pub idle_seconds: f64,
+    pub last_timer_run_age_seconds: Option<f64>,
+    pub first_seen_unix_seconds: f64,
+    /// alive, probing, rebooted, reset (and the final states in events).
+    pub peer_state: &'static str,
+    /// The state with probes outstanding: "probing 2/3".
+    pub peer_state_detail: String,
+    pub reset_received: bool,
+    pub last_error: Option<String>,
+    pub hook_mode: &'static str,
+}
+
+impl ConnectionJson {
+    pub fn new(conn: &Connection, clock: &Clock, hook_mode: &'static str) -> ConnectionJson {
+        let stamp = |ns: u64| (ns != 0).then_some(ns);
+        ConnectionJson {
+            id: conn.id,
+            netns: conn.netns,
+            direction: conn.direction.name(),
+            local_addr: conn.local.ip().to_string(),
+            local_port: conn.local.port(),
+            remote_addr: conn.remote.ip().to_string(),
+            remote_port: conn.remote.port(),
+            keepalive: KeepaliveJson {
+                enabled: conn.keepalive_on,
+                idle_seconds: conn.settings.idle.as_secs_f64(),
+                interval_seconds: conn.settings.interval.as_secs_f64(),
+                probes: conn.settings.probe_limit,
+                user_timeout_seconds: conn.settings.user_timeout.map(|t| t.as_secs_f64()),
+            },
+            probes_sent: conn.probes_sent,
+            probes_answered: conn.probes_answered,
+            probes_outstanding: conn.probes_outstanding,
+            probe_send_failures: conn.send_failures,
+            last_probe_unix_seconds: stamp(conn.last_probe_ns).map(|ns| clock.unix(ns)),
+            last_probe_age_seconds: stamp(conn.last_probe_ns).map(|ns| clock.age(ns)),
+            idle_seconds: conn.idle_at_last_run.as_secs_f64(),
+            last_timer_run_age_seconds: stamp(conn.last_run_ns).map(|ns| clock.age(ns)),
+            first_seen_unix_seconds: clock.unix(conn.first_seen_ns),
+            peer_state: conn.peer_state.name(),
+            peer_state_detail: conn.peer_state.to_string(),
+            reset_received: conn.reset_received,
+            last_error: (conn.last_error != 0).then(|| errno_name(conn.last_error)),
+            hook_mode,
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct ConnectionsJson {
+    pub hook_mode: &'static str,
+    /// Connections that match the filters.
+    pub total: usize,
+    pub returned: usize,
+    /// True when `total` > `returned`: raise `limit` or narrow the filters.
+    pub truncated: bool,
+    pub limit: usize,
+    /// Ordered by id (oldest tracked first).
+    pub connections: Vec<ConnectionJson>,
+}
+
+pub fn connections(
+    table: &ConnectionTable,
+    query: &ConnectionsQuery,
+    clock: &Clock,
+    hook_mode: &'static str,
+) -> ConnectionsJson {
+    let mut matching: Vec<&Connection> = table
+        .connections()
+        .filter(|conn| query.matches(conn))
+        .collect();
+    let total = matching.len();
+    matching.sort_unstable_by_key(|conn| conn.id);
+    matching.truncate(query.limit);
+    ConnectionsJson {
+        hook_mode,
+        total,
+        returned: matching.len(),
+        truncated: total > matching.len(),
+        limit: query.limit,
+        connections: matching
+            .into_iter()
+            .map(|conn| ConnectionJson::new(conn, clock, hook_mode))
+            .collect(),
+    }
+}
+
+/// The parameters of `/api/v1/events`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EventsQuery {
+    /// Only entries with a `seq` above this one; None: the newest entries.
+    pub since: Option<u64>,
+    pub limit: usize,
+}
+
+impl EventsQuery {
+    pub fn parse(query: Option<&str>) -> Result<EventsQuery, QueryError> {
+        let mut parsed = EventsQuery {
+            since: None,
+            limit: DEFAULT_EVENTS_LIMIT,
+        };
+        for (name, value) in parameters(query, &["since", "limit"])? {
+            if name == "since" {
+                parsed.since = Some(value.parse().map_err(|_| {
+                    QueryError(format!(
+                        "since={value:?} is not a sequence number; pass the next_since of the \
+                         previous answer (or 0 for everything held)"
+                    ))
+                })?);
+            } else {
+                parsed.limit = limit(&value, MAX_EVENTS_LIMIT)?;
+            }
+        }
+        Ok(parsed)
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct EventJson {
+    pub seq: u64,
+    /// peer_state (a live connection's state changed) or ended.
+    pub kind: &'static str,
+    pub time_unix_seconds: f64,
+    /// The state before (peer_state) and after ("probing 2/3", or the outcome when ended).
+    pub from: Option<String>,
+    pub to: String,
+    /// For ended connections: the outcome and the socket error.
+    pub outcome: Option<&'static str>,
+    pub error: Option<String>,
+    pub connection: ConnectionJson,
+}
+
+impl EventJson {
+    fn new(entry: &HistoryEntry, clock: &Clock, hook_mode: &'static str) -> EventJson {
+        match &entry.change {
+            Change::PeerState(change) => EventJson {
+                seq: entry.seq,
+                kind: "peer_state",
+                time_unix_seconds: clock.unix(change.time_ns),
+                from: Some(change.from.to_string()),
+                to: change.connection.peer_state.to_string(),
+                outcome: None,
+                error: None,
+                connection: ConnectionJson::new(&change.connection, clock, hook_mode),
+            },
+            Change::Ended(ended) => EventJson {
+                seq: entry.seq,
+                kind: "ended",
+                time_unix_seconds: clock.unix(ended.ended_ns),
+                from: None,
+                to: ended.outcome.to_string(),
+                outcome: Some(ended.outcome.name()),
+                error: (ended.error != 0).then(|| errno_name(ended.error)),
+                connection: ConnectionJson::new(&ended.connection, clock, hook_mode),
+            },
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct EventsJson {
+    /// Pass as `since` to get what happened after this answer.
+    pub next_since: u64,
+    /// The oldest `seq` the daemon still holds (the history is bounded by --history).
+    pub oldest_seq: Option<u64>,
+    /// True when entries after `since` were already dropped from the bounded history.
+    pub gap: bool,
+    /// True when more entries than `limit` were available: ask again with `next_since`.
+    pub truncated: bool,
+    /// Newest first.
+    pub events: Vec<EventJson>,
+}
+
+/// Without `since`: the newest `limit` entries. With `since`: the `limit` entries right after
+/// it, so a client following with `next_since` sees every entry the history still holds. A
+/// `since` beyond anything this daemon issued (it restarted) starts over from its oldest entry.
+pub fn events(
+    table: &ConnectionTable,
+    query: &EventsQuery,
+    clock: &Clock,
+    hook_mode: &'static str,
+) -> EventsJson {
+    let newest = table.next_seq().saturating_sub(1);
+    let (since, restarted) = match query.since {
+        Some(since) if since > newest => (Some(0), true),
+        since => (since, false),
+    };
+    let newer = table.history_since(since.unwrap_or(0));
+    let available = newer.len();
+    let page: &[&HistoryEntry] = if since.is_some() {
+        &newer[available.saturating_sub(query.limit)..]
+    } else {
+        &newer[..available.min(query.limit)]
+    };
+    let oldest_seq = table.oldest_seq();
+    EventsJson {
+        next_since: page
+            .first()
+            .map_or(since.unwrap_or(newest), |entry| entry.seq),
+        oldest_seq,
+        gap: restarted
+            || since.is_some_and(|since| oldest_seq.is_some_and(|oldest| oldest > since + 1)),
+        truncated: available > page.len(),
+        events: page
+            .iter()
+            .map(|entry| EventJson::new(entry, clock, hook_mode))
+            .collect(),
+    }
+}
