@@ -361,7 +361,7 @@ mod tests {
     #[test]
     fn mistakes_are_named() {
         let cases = [
-            ("tls_server_config:\n  cert_file: a.pem\n", "key_file"),
+            ("tls_server_config:\n  cert: inline\n", "needs key_file"),
             ("basic_auth_users:\n  alice: plain\n", "not a bcrypt hash"),
             ("unknown_section: 1\n", "unknown field"),
             (
