@@ -372,7 +372,8 @@ mod tests {
                 "tls_server_config:\n  cert_file: /nonexistent/c.pem\n  key_file: k\n",
                 "cannot read /nonexistent/c.pem",
             ),
-            ("basic_auth_users: [", "did not find expected"),
+            ("basic_auth_users: [", "expected a map"),
+            ("tls_server_config: {cert: \"unterminated", "line 1"),
         ];
         for (text, expected) in cases {
             let err = WebConfig::parse(text, Path::new("/tmp")).err().unwrap();
