@@ -14,8 +14,9 @@ use crate::{is_root, probe, run_checked};
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// Debian packages the privileged integration tests use.
 // prometheus provides promtool and the server the metrics tests scrape with; curl and openssl
-// are the independent HTTPS client and certificate maker of the web-config test.
-const APT_PACKAGES: [&str; 7] = [
+// are the independent HTTPS client and certificate maker of the web-config test; tmux runs
+// `kalive-daemon top` in a real terminal for its end-to-end test.
+const APT_PACKAGES: [&str; 8] = [
     "nftables",
     "iproute2",
     "tcpdump",
@@ -23,6 +24,7 @@ const APT_PACKAGES: [&str; 7] = [
     "prometheus",
     "curl",
     "openssl",
+    "tmux",
 ];
 const TRACEFS: &str = "/sys/kernel/tracing";
 const RUSTUP_HINT: &str = "check that rustup works and the network is reachable";
