@@ -59,10 +59,7 @@ impl Clock {
 }
 
 /// Splits a query string into (name, value) pairs, refusing unknown and repeated names.
-fn parameters(
-    query: Option<&str>,
-    known: &[&str],
-) -> Result<Vec<(String, String)>, QueryError> {
+fn parameters(query: Option<&str>, known: &[&str]) -> Result<Vec<(String, String)>, QueryError> {
     let mut seen: Vec<(String, String)> = Vec::new();
     for (name, value) in form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
         if !known.contains(&name.as_ref()) {
@@ -407,5 +404,163 @@ pub fn events(
             .iter()
             .map(|entry| EventJson::new(entry, clock, hook_mode))
             .collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use kalive_common::{event_flag, event_kind, Event};
+
+    use super::*;
+    use crate::table::test_data::{conn_state, run, table};
+
+    const CLOCK: Clock = Clock {
+        boot_ns: 10_000_000_000,
+        unix_seconds: 1_700_000_000.0,
+    };
+
+    #[test]
+    fn connection_queries_are_checked() {
+        assert_eq!(
+            ConnectionsQuery::parse(Some("state=probing&port=443&remote=10.0.0.1&limit=5")),
+            Ok(ConnectionsQuery {
+                state: Some("probing"),
+                port: Some(443),
+                remote: Some(RemoteFilter::Addr("10.0.0.1".parse().unwrap())),
+                limit: 5,
+            })
+        );
+        assert_eq!(
+            ConnectionsQuery::parse(Some("remote=%5B%3A%3A1%5D%3A80"))
+                .unwrap()
+                .remote,
+            Some(RemoteFilter::Endpoint("[::1]:80".parse().unwrap()))
+        );
+        for (query, expected) in [
+            ("port=http", "not a port number"),
+            ("port=70000", "not a port number"),
+            ("state=sleepy", "not a peer state"),
+            ("state=dead", "/api/v1/events"),
+            ("limit=0", "from 1 to 100000"),
+            ("limit=100001", "from 1 to 100000"),
+            ("remote=nowhere", "not an address"),
+            ("colour=red", "unknown query parameter"),
+            ("port=1&port=2", "given twice"),
+        ] {
+            let err = ConnectionsQuery::parse(Some(query)).unwrap_err();
+            assert!(err.0.contains(expected), "{query}: {err}");
+        }
+        assert!(EventsQuery::parse(Some("since=-1")).is_err());
+        assert!(EventsQuery::parse(Some("limit=10001")).is_err());
+    }
+
+    #[test]
+    fn connections_are_filtered_and_truncated_with_a_marker() {
+        let mut table = table();
+        for port in [40001, 40002, 40003] {
+            let mut state = conn_state(port);
+            if port == 40002 {
+                state.probes_sent = 1;
+                state.probes_out = 1;
+            }
+            table.apply(&run(
+                u64::from(port),
+                state,
+                event_flag::FIRST_SEEN | event_flag::PROBE_SENT * u32::from(port == 40002),
+            ));
+        }
+        let all = connections(
+            &table,
+            &ConnectionsQuery::parse(None).unwrap(),
+            &CLOCK,
+            "tracepoint",
+        );
+        assert_eq!((all.total, all.returned, all.truncated), (3, 3, false));
+        let probing = connections(
+            &table,
+            &ConnectionsQuery::parse(Some("state=probing")).unwrap(),
+            &CLOCK,
+            "tracepoint",
+        );
+        assert_eq!(probing.connections.len(), 1);
+        assert_eq!(probing.connections[0].local_port, 40002);
+        assert_eq!(probing.connections[0].peer_state_detail, "probing 1/3");
+        let limited = connections(
+            &table,
+            &ConnectionsQuery::parse(Some("limit=2")).unwrap(),
+            &CLOCK,
+            "tracepoint",
+        );
+        assert_eq!(
+            (limited.total, limited.returned, limited.truncated),
+            (3, 2, true)
+        );
+        let json = serde_json::to_value(&limited).unwrap();
+        assert_eq!(json["connections"][0]["keepalive"]["idle_seconds"], 1.0);
+        assert_eq!(json["connections"][0]["direction"], "outbound");
+        assert_eq!(json["truncated"], true);
+    }
+
+    #[test]
+    fn events_can_be_followed_without_loss() {
+        let mut table = table();
+        for sock in 1..=5u64 {
+            let state = conn_state(41000 + sock as u16);
+            table.apply(&run(sock, state, event_flag::FIRST_SEEN));
+            table.apply(&Event {
+                kind: event_kind::CLOSED,
+                sock,
+                conn: state,
+                flags: event_flag::TRACKED,
+                ..Event::default()
+            });
+        }
+        // The test table keeps 2 entries per kind: seq 4 and 5 of 1..=5.
+        let newest = events(&table, &EventsQuery::parse(None).unwrap(), &CLOCK, "fentry");
+        let seqs: Vec<u64> = newest.events.iter().map(|e| e.seq).collect();
+        assert_eq!(seqs, vec![5, 4]);
+        assert_eq!(newest.next_since, 5);
+        assert_eq!(newest.events[0].outcome, Some("closed"));
+
+        let page = events(
+            &table,
+            &EventsQuery::parse(Some("since=3&limit=1")).unwrap(),
+            &CLOCK,
+            "fentry",
+        );
+        assert_eq!(
+            page.events.iter().map(|e| e.seq).collect::<Vec<_>>(),
+            vec![4]
+        );
+        assert!(page.truncated && !page.gap);
+        let next = events(
+            &table,
+            &EventsQuery::parse(Some(&format!("since={}", page.next_since))).unwrap(),
+            &CLOCK,
+            "fentry",
+        );
+        assert_eq!(
+            next.events.iter().map(|e| e.seq).collect::<Vec<_>>(),
+            vec![5]
+        );
+
+        let behind = events(
+            &table,
+            &EventsQuery::parse(Some("since=1")).unwrap(),
+            &CLOCK,
+            "fentry",
+        );
+        assert!(
+            behind.gap,
+            "seq 2 and 3 were dropped from the bounded history"
+        );
+        let restarted = events(
+            &table,
+            &EventsQuery::parse(Some("since=999")).unwrap(),
+            &CLOCK,
+            "fentry",
+        );
+        assert!(restarted.gap);
+        assert_eq!(restarted.events.len(), 2);
     }
 }

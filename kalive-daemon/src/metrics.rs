@@ -461,3 +461,134 @@ fn add_to_buckets(counts: &mut [i64], bounds: &[f64], value: f64) {
         *count += 1;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::{net::IpAddr, time::Duration};
+
+    use super::*;
+    use crate::{
+        classify::PeerState,
+        table::{test_data::table, Direction},
+    };
+
+    fn origin(direction: Direction, port: u16, connection: u64) -> Origin {
+        Origin {
+            netns: 7,
+            direction,
+            service_port: Some(port),
+            remote_addr: Some(IpAddr::from([10, 0, 0, 1])),
+            connection: Some(connection),
+        }
+    }
+
+    fn tally(origin: Origin, count: Count) -> Tally {
+        Tally { origin, count }
+    }
+
+    fn render(metrics: &Metrics) -> String {
+        metrics
+            .render(&table(), true, Instant::now())
+            .expect("render")
+    }
+
+    #[test]
+    fn counters_carry_direction_and_service_port() {
+        let mut metrics = Metrics::new(SeriesOptions::default()).unwrap();
+        metrics.record(&tally(
+            origin(Direction::Outbound, 443, 1),
+            Count::ProbesSent(3),
+        ));
+        metrics.record(&tally(
+            origin(Direction::Inbound, 5432, 2),
+            Count::ResetReceived { during_probe: true },
+        ));
+        metrics.record(&tally(
+            origin(Direction::Outbound, 443, 1),
+            Count::Ended {
+                outcome: PeerState::Dead,
+                probes_sent: 3,
+                detection: Some(Duration::from_secs(4)),
+            },
+        ));
+        let text = render(&metrics);
+        for line in [
+            "kalive_keepalive_probes_sent_total{direction=\"outbound\",port=\"443\"} 3",
+            "kalive_tcp_resets_received_total{direction=\"inbound\",during_probe=\"true\",port=\"5432\"} 1",
+            "kalive_keepalive_timeouts_total{direction=\"outbound\",port=\"443\"} 1",
+            "kalive_peer_outcomes_total{direction=\"outbound\",outcome=\"dead\",port=\"443\"} 1",
+            "kalive_dead_peer_detection_seconds_sum{direction=\"outbound\",port=\"443\"} 4",
+            "kalive_probes_before_outcome_bucket{direction=\"outbound\",outcome=\"dead\",port=\"443\",le=\"3\"} 1",
+            "kalive_events_lost_total{stage=\"ringbuf_full\"} 0",
+            "kalive_series 2",
+            "kalive_series_limit 1000",
+        ] {
+            assert!(text.lines().any(|l| l == line), "missing {line:?} in\n{text}");
+        }
+        assert!(
+            !text.contains("remote_addr"),
+            "no per-peer labels by default"
+        );
+    }
+
+    #[test]
+    fn series_over_the_cap_fold_into_other_and_are_counted() {
+        let mut metrics = Metrics::new(SeriesOptions {
+            extra_labels: vec![ExtraLabel::Connection, ExtraLabel::RemoteAddr],
+            max_series: 2,
+        })
+        .unwrap();
+        for id in 1..=5 {
+            metrics.record(&tally(
+                origin(Direction::Outbound, 6000 + id as u16, id),
+                Count::ProbesSent(1),
+            ));
+        }
+        let text = render(&metrics);
+        let probe_lines: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("kalive_keepalive_probes_sent_total{"))
+            .collect();
+        assert_eq!(probe_lines.len(), 3, "{probe_lines:?}");
+        assert!(text.contains(
+            "kalive_keepalive_probes_sent_total{connection=\"other\",direction=\"outbound\",port=\"other\",remote_addr=\"other\"} 3"
+        ));
+        assert!(text.contains(
+            "kalive_keepalive_probes_sent_total{connection=\"1\",direction=\"outbound\",port=\"6001\",remote_addr=\"10.0.0.1\"} 1"
+        ));
+        assert!(text.contains("kalive_series_folded_total 3"));
+        assert!(text.contains("kalive_series 2"));
+    }
+
+    #[test]
+    fn resets_without_a_socket_have_no_port() {
+        let mut metrics = Metrics::new(SeriesOptions::default()).unwrap();
+        let origin = Origin {
+            service_port: None,
+            remote_addr: None,
+            connection: None,
+            ..origin(Direction::Inbound, 0, 0)
+        };
+        metrics.record(&tally(
+            origin,
+            Count::ResetSent {
+                reason: "no_socket".to_owned(),
+            },
+        ));
+        assert!(render(&metrics).contains(
+            "kalive_tcp_resets_sent_total{direction=\"inbound\",port=\"none\",reason=\"no_socket\"} 1"
+        ));
+    }
+
+    #[test]
+    fn settings_gauge_is_cumulative() {
+        let mut counts = [0i64; IDLE_BOUNDS.len() + 1];
+        for idle in [5.0, 60.0, 7200.0, 100_000.0] {
+            add_to_buckets(&mut counts, &IDLE_BOUNDS, idle);
+        }
+        assert_eq!(counts[0], 1, "5 s <= 10");
+        assert_eq!(counts[2], 1, "60 s <= 60");
+        assert_eq!(counts[IDLE_BOUNDS.len() - 1], 1, "7200 s <= 7200");
+        assert_eq!(counts[IDLE_BOUNDS.len()], 1, "+Inf");
+    }
+}

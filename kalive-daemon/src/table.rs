@@ -663,15 +663,16 @@ impl ConnectionTable {
     }
 }
 
+/// Synthetic kernel events for the unit tests of the table, the metrics and the API.
 #[cfg(test)]
-mod tests {
+pub(crate) mod test_data {
     use kalive_common::AF_INET;
 
     use super::*;
 
-    const HZ: u32 = 250;
+    pub const HZ: u32 = 250;
 
-    fn table() -> ConnectionTable {
+    pub fn table() -> ConnectionTable {
         let units = KernelUnits {
             hz: HZ,
             reset_reasons: BTreeMap::from([(9, "TCP_KEEPALIVE_TIMEOUT".to_owned())]),
@@ -679,7 +680,7 @@ mod tests {
         ConnectionTable::new(units, 2)
     }
 
-    fn conn_state(port: u16) -> ConnState {
+    pub fn conn_state(port: u16) -> ConnState {
         let mut state = ConnState {
             first_seen_ns: 1_000 + u64::from(port),
             netns: 4026531840,
@@ -697,7 +698,7 @@ mod tests {
         state
     }
 
-    fn run(sock: u64, state: ConnState, flags: u32) -> Event {
+    pub fn run(sock: u64, state: ConnState, flags: u32) -> Event {
         Event {
             kind: event_kind::TIMER_RUN,
             flags: flags | event_flag::TRACKED,
@@ -706,6 +707,11 @@ mod tests {
             ..Event::default()
         }
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{test_data::*, *};
 
     #[test]
     fn probes_then_timeout_is_dead_and_counted() {
@@ -832,5 +838,62 @@ mod tests {
         let totals = table.totals(0);
         assert_eq!(totals.resets_sent["tcp_keepalive_timeout"], 1);
         assert_eq!(totals.resets_sent["unknown"], 1);
+    }
+
+    #[test]
+    fn peer_state_changes_are_numbered_history_entries() {
+        let mut table = table();
+        let mut state = conn_state(40010);
+        table.apply(&run(3, state, event_flag::FIRST_SEEN));
+        for n in 1..=2u32 {
+            state.probes_sent = u64::from(n);
+            state.probes_out = n;
+            table.apply(&run(3, state, event_flag::PROBE_SENT));
+        }
+        let changes: Vec<_> = table
+            .history_since(0)
+            .iter()
+            .map(|entry| match &entry.change {
+                Change::PeerState(change) => (
+                    entry.seq,
+                    change.from.to_string(),
+                    change.connection.peer_state.to_string(),
+                ),
+                Change::Ended(_) => panic!("nothing ended"),
+            })
+            .collect();
+        assert_eq!(
+            changes,
+            vec![
+                (2, "probing 1/3".to_owned(), "probing 2/3".to_owned()),
+                (1, "alive".to_owned(), "probing 1/3".to_owned()),
+            ]
+        );
+        assert_eq!(table.history_since(1).len(), 1);
+        assert_eq!(table.oldest_seq(), Some(1));
+        let tallies = table.take_tallies();
+        assert_eq!(
+            tallies.iter().map(|t| &t.count).collect::<Vec<_>>(),
+            vec![&Count::ProbesSent(1), &Count::ProbesSent(1)]
+        );
+        assert_eq!(tallies[0].origin.direction, Direction::Outbound);
+        assert_eq!(tallies[0].origin.service_port, Some(9000));
+        assert!(table.take_tallies().is_empty());
+    }
+
+    #[test]
+    fn a_bound_local_port_is_inbound_and_labelled_by_it() {
+        let mut table = table();
+        let mut state = conn_state(8443);
+        state.local_port_bound = 1;
+        state.probes_sent = 1;
+        table.apply(&run(
+            4,
+            state,
+            event_flag::FIRST_SEEN | event_flag::PROBE_SENT,
+        ));
+        let tally = &table.take_tallies()[0];
+        assert_eq!(tally.origin.direction, Direction::Inbound);
+        assert_eq!(tally.origin.service_port, Some(8443));
     }
 }
