@@ -459,15 +459,13 @@ mod tests {
         let mut table = table();
         for port in [40001, 40002, 40003] {
             let mut state = conn_state(port);
+            let mut flags = event_flag::FIRST_SEEN;
             if port == 40002 {
                 state.probes_sent = 1;
                 state.probes_out = 1;
+                flags |= event_flag::PROBE_SENT;
             }
-            table.apply(&run(
-                u64::from(port),
-                state,
-                event_flag::FIRST_SEEN | event_flag::PROBE_SENT * u32::from(port == 40002),
-            ));
+            table.apply(&run(u64::from(port), state, flags));
         }
         let all = connections(
             &table,
