@@ -6,6 +6,8 @@
     reason = "each test binary uses a different part of the support module"
 )]
 
+pub mod synthetic;
+
 use std::{
     collections::BTreeMap,
     fs::File,
@@ -364,4 +366,24 @@ pub fn raise_fd_limit(wanted: u64) {
 
 pub fn addr(text: &str) -> SocketAddr {
     text.parse().expect("socket address")
+}
+
+/// True when `program` can be run. When it cannot: a failure with CI=true, else a skip with a
+/// printed reason.
+pub fn tool(test: &str, program: &str) -> bool {
+    let found = Command::new(program)
+        .arg("--version")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok();
+    if found {
+        return true;
+    }
+    let reason = format!("needs `{program}` (installed by `cargo xtask setup`)");
+    if std::env::var("CI").is_ok_and(|value| value == "true") {
+        panic!("{test} {reason}, and CI=true");
+    }
+    eprintln!("skipping {test}: {reason}");
+    false
 }
