@@ -86,9 +86,6 @@ pub struct SockLayout {
     pub packets_out: Field,
     /// sock.sk_lock.owned: a socket owned by user space makes the timer re-arm without probing.
     pub lock_owned: Field,
-    /// sock.sk_userlocks: SOCK_BINDPORT_LOCK tells a socket whose local port was bound explicitly
-    /// (a listener's, inherited by the connections it accepts) from one with an ephemeral port.
-    pub userlocks: Field,
     pub net_inum: Field,
     pub net_keepalive_time: Field,
     pub net_keepalive_intvl: Field,
@@ -133,8 +130,6 @@ pub mod tcp_state {
 
 pub const AF_INET: u16 = 2;
 pub const AF_INET6: u16 = 10;
-/// sk_userlocks bit set when bind() chose the local port (include/net/sock.h).
-pub const SOCK_BINDPORT_LOCK: u64 = 8;
 pub const IPPROTO_TCP: u32 = 6;
 
 /// Identity and keepalive state of one tracked connection, as the kernel programs last saw it.
@@ -175,9 +170,7 @@ pub struct ConnState {
     pub rcv_tstamp: u32,
     /// jiffies (low 32 bits) at the last timer run, to turn rcv_tstamp into an idle time.
     pub jiffies_at_run: u32,
-    /// 1 when the local port was bound explicitly (SOCK_BINDPORT_LOCK): accepted connections
-    /// inherit it from their listener, so kalive reports them as inbound.
-    pub local_port_bound: u32,
+    pub _pad: u32,
 }
 
 /// What happened, in `Event::kind`.
@@ -281,7 +274,7 @@ pub struct TimerRun {
 const _: () = assert!(core::mem::size_of::<Field>() == 8);
 const _: () = assert!(core::mem::size_of::<ConnState>() == 136);
 const _: () = assert!(core::mem::size_of::<Event>() == 40 + 136);
-const _: () = assert!(core::mem::size_of::<SockLayout>() == 26 * 8 + 8);
+const _: () = assert!(core::mem::size_of::<SockLayout>() == 25 * 8 + 8);
 const _: () = assert!(core::mem::size_of::<TracepointLayout>() == 19 * 8);
 const _: () = assert!(core::mem::size_of::<TimerRun>() == 56);
 

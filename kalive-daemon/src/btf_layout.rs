@@ -186,7 +186,6 @@ impl KernelTypes {
             sk_flags: self.int_field_any("sock", &["sk_flags", "__sk_common.skc_flags"])?,
             sk_err: self.int_field("sock", "sk_err")?,
             lock_owned: self.int_field("sock", "sk_lock.owned")?,
-            userlocks: self.int_field("sock", "sk_userlocks")?,
             probes_out: self.int_field("inet_connection_sock", "icsk_probes_out")?,
             user_timeout: self.int_field("inet_connection_sock", "icsk_user_timeout")?,
             ack_lrcvtime: self.int_field("inet_connection_sock", "icsk_ack.lrcvtime")?,

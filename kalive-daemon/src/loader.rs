@@ -138,6 +138,7 @@ pub fn load_and_attach(requested: HookMode) -> Result<Loaded, LoadError> {
     let units = KernelUnits {
         hz: kernel_hz()?,
         reset_reasons: types.reset_reasons(),
+        ephemeral_ports: crate::table::ephemeral_ports(),
     };
     let timer_fn = function_address(names::KEEPALIVE_TIMER_FUNCTION);
 

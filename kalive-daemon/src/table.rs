@@ -4,6 +4,7 @@
 use std::{
     collections::{BTreeMap, HashMap, VecDeque},
     net::{IpAddr, SocketAddr},
+    ops::RangeInclusive,
     time::Duration,
 };
 
@@ -24,9 +25,10 @@ pub struct KeepaliveSettings {
     pub user_timeout: Option<Duration>,
 }
 
-/// Who opened the connection, as far as the socket tells: a socket whose local port was bound
-/// explicitly (a listener's, inherited by every connection it accepts) is inbound; one with an
-/// ephemeral port chosen at connect() is outbound.
+/// Who opened the connection, told from its ports: the end with an ephemeral port
+/// (net.ipv4.ip_local_port_range) is the client. A connection whose ports are both ephemeral or
+/// both not is taken to serve on the lower port. (The socket itself does not say: an accepted
+/// socket does not keep its listener's SOCK_BINDPORT_LOCK.)
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Direction {
     Inbound,
@@ -34,11 +36,23 @@ pub enum Direction {
 }
 
 impl Direction {
-    pub fn of(state: &ConnState) -> Direction {
-        if state.local_port_bound != 0 {
-            Direction::Inbound
-        } else {
-            Direction::Outbound
+    pub fn of(local_port: u16, remote_port: u16, ephemeral: &RangeInclusive<u16>) -> Direction {
+        match (
+            ephemeral.contains(&local_port),
+            ephemeral.contains(&remote_port),
+        ) {
+            (true, false) => Direction::Outbound,
+            (false, true) => Direction::Inbound,
+            _ if local_port <= remote_port => Direction::Inbound,
+            _ => Direction::Outbound,
+        }
+    }
+
+    /// The port that names the service: the local one for inbound connections.
+    pub fn service_port(self, local: SocketAddr, remote: SocketAddr) -> u16 {
+        match self {
+            Direction::Inbound => local.port(),
+            Direction::Outbound => remote.port(),
         }
     }
 
@@ -129,17 +143,14 @@ impl Origin {
         Origin {
             netns: conn.netns,
             direction: conn.direction,
-            service_port: Some(match conn.direction {
-                Direction::Inbound => conn.local.port(),
-                Direction::Outbound => conn.remote.port(),
-            }),
+            service_port: Some(conn.direction.service_port(conn.local, conn.remote)),
             remote_addr: Some(conn.remote.ip()),
             connection: Some(conn.id),
         }
     }
 
     /// For events about sockets kalive does not track (identity read from the socket, if any).
-    fn untracked(sock: u64, state: &ConnState) -> Origin {
+    fn untracked(sock: u64, state: &ConnState, ephemeral: &RangeInclusive<u16>) -> Origin {
         if sock == 0 {
             return Origin {
                 netns: state.netns,
@@ -150,14 +161,11 @@ impl Origin {
             };
         }
         let (local, remote) = endpoints(state);
-        let direction = Direction::of(state);
+        let direction = Direction::of(local.port(), remote.port(), ephemeral);
         Origin {
             netns: state.netns,
             direction,
-            service_port: Some(match direction {
-                Direction::Inbound => local.port(),
-                Direction::Outbound => remote.port(),
-            }),
+            service_port: Some(direction.service_port(local, remote)),
             remote_addr: Some(remote.ip()),
             connection: None,
         }
@@ -252,6 +260,27 @@ pub struct KernelUnits {
     pub hz: u32,
     /// enum sk_rst_reason names by value.
     pub reset_reasons: BTreeMap<u32, String>,
+    /// net.ipv4.ip_local_port_range, to tell clients from servers.
+    pub ephemeral_ports: RangeInclusive<u16>,
+}
+
+/// Linux's default net.ipv4.ip_local_port_range.
+pub const DEFAULT_EPHEMERAL_PORTS: RangeInclusive<u16> = 32768..=60999;
+
+/// net.ipv4.ip_local_port_range of the daemon's network namespace (the default when unreadable).
+pub fn ephemeral_ports() -> RangeInclusive<u16> {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|text| parse_port_range(&text))
+        .unwrap_or(DEFAULT_EPHEMERAL_PORTS)
+}
+
+fn parse_port_range(text: &str) -> Option<RangeInclusive<u16>> {
+    let mut ports = text.split_whitespace().map(|port| port.parse::<u16>());
+    match (ports.next(), ports.next()) {
+        (Some(Ok(low)), Some(Ok(high))) if low <= high => Some(low..=high),
+        _ => None,
+    }
 }
 
 impl KernelUnits {
@@ -376,7 +405,7 @@ impl ConnectionTable {
             event_kind::RESET_SENT => {
                 let origin = match self.known(event) {
                     Some(conn) => Origin::of(conn),
-                    None => Origin::untracked(event.sock, &event.conn),
+                    None => Origin::untracked(event.sock, &event.conn, &self.units.ephemeral_ports),
                 };
                 let reason = self.units.reset_reason(event.reset_reason);
                 self.tally(origin, Count::ResetSent { reason });
@@ -422,7 +451,7 @@ impl ConnectionTable {
             netns: state.netns,
             local,
             remote,
-            direction: Direction::of(state),
+            direction: Direction::of(local.port(), remote.port(), &self.units.ephemeral_ports),
             keepalive_on: state.keepalive_on != 0,
             settings: self.settings(state),
             probes_sent: 0,
@@ -579,7 +608,7 @@ impl ConnectionTable {
         let known = self.known(event).cloned();
         let origin = match &known {
             Some(conn) => Origin::of(conn),
-            None => Origin::untracked(event.sock, &event.conn),
+            None => Origin::untracked(event.sock, &event.conn, &self.units.ephemeral_ports),
         };
         self.tally(origin, Count::ResetReceived { during_probe });
         if let Some(mut conn) = known {
@@ -676,6 +705,7 @@ pub(crate) mod test_data {
         let units = KernelUnits {
             hz: HZ,
             reset_reasons: BTreeMap::from([(9, "TCP_KEEPALIVE_TIMEOUT".to_owned())]),
+            ephemeral_ports: DEFAULT_EPHEMERAL_PORTS,
         };
         ConnectionTable::new(units, 2)
     }
@@ -882,10 +912,24 @@ mod tests {
     }
 
     #[test]
-    fn a_bound_local_port_is_inbound_and_labelled_by_it() {
+    fn the_ephemeral_end_is_the_client() {
+        let ephemeral = DEFAULT_EPHEMERAL_PORTS;
+        for (local, remote, expected) in [
+            (40000, 443, Direction::Outbound),
+            (5432, 50000, Direction::Inbound),
+            (22, 1022, Direction::Inbound),
+            (8080, 80, Direction::Outbound),
+            (40000, 45000, Direction::Inbound),
+        ] {
+            assert_eq!(
+                Direction::of(local, remote, &ephemeral),
+                expected,
+                "{local}->{remote}"
+            );
+        }
         let mut table = table();
         let mut state = conn_state(8443);
-        state.local_port_bound = 1;
+        state.remote_port = 50123;
         state.probes_sent = 1;
         table.apply(&run(
             4,
@@ -895,5 +939,7 @@ mod tests {
         let tally = &table.take_tallies()[0];
         assert_eq!(tally.origin.direction, Direction::Inbound);
         assert_eq!(tally.origin.service_port, Some(8443));
+        assert_eq!(parse_port_range("1024\t65000\n"), Some(1024..=65000));
+        assert_eq!(parse_port_range("9 1"), None);
     }
 }

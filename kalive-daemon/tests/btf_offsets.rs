@@ -38,7 +38,6 @@ fn sock_layout_matches_pahole() {
     // struct sock
     assert_eq!(layout.sk_err, field(284, 4));
     assert_eq!(layout.lock_owned, field(320 + 4, 4));
-    assert_eq!(layout.userlocks, field(243, 1));
     assert_eq!(layout.sk_timer, field(448, 40));
     // struct inet_connection_sock
     assert_eq!(layout.probes_out, field(1253, 1));

@@ -35,7 +35,6 @@ pub static SOCK_LAYOUT: SockLayout = SockLayout {
     ack_lrcvtime: ZERO_FIELD,
     packets_out: ZERO_FIELD,
     lock_owned: ZERO_FIELD,
-    userlocks: ZERO_FIELD,
     net_inum: ZERO_FIELD,
     net_keepalive_time: ZERO_FIELD,
     net_keepalive_intvl: ZERO_FIELD,

@@ -7,7 +7,6 @@
 use aya_ebpf::{helpers::bpf_ktime_get_boot_ns, programs::TracePointContext};
 use kalive_common::{
     event_flag, event_kind, ConnState, Event, TimerRun, AF_INET6, IPPROTO_TCP, REASON_UNKNOWN,
-    SOCK_BINDPORT_LOCK,
 };
 
 use crate::{
@@ -33,8 +32,6 @@ pub fn read_identity(sock: u64, conn: &mut ConnState) {
     let net = read_uint(sock, sock_field!(net));
     conn.netns = read_uint(net, sock_field!(net_inum)) as u32;
     conn.tcp_state = read_uint(sock, sock_field!(state)) as u16;
-    conn.local_port_bound =
-        u32::from(read_uint(sock, sock_field!(userlocks)) & SOCK_BINDPORT_LOCK != 0);
 }
 
 /// The run in progress on this CPU, if it is `sock`'s.

@@ -387,3 +387,95 @@ pub fn tool(test: &str, program: &str) -> bool {
     eprintln!("skipping {test}: {reason}");
     false
 }
+
+/// The real `kalive-daemon run` binary, started with `args` after `run --listen 127.0.0.1:0`,
+/// stopped with SIGTERM on drop. Its log lines arrive on `lines`, stamped on arrival.
+pub struct DaemonProcess {
+    child: std::process::Child,
+    pub lines: std::sync::mpsc::Receiver<(std::time::Instant, String)>,
+    /// Where its HTTP server listens.
+    pub http: SocketAddr,
+}
+
+impl DaemonProcess {
+    pub fn start(args: &[&str]) -> DaemonProcess {
+        use std::io::BufRead as _;
+        let mut child = Command::new(env!("CARGO_BIN_EXE_kalive-daemon"))
+            .args(["run", "--listen", "127.0.0.1:0"])
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("start kalive-daemon");
+        let stderr = child.stderr.take().expect("daemon stderr");
+        let (lines_tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stderr)
+                .lines()
+                .map_while(Result::ok)
+            {
+                if lines_tx.send((std::time::Instant::now(), line)).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut daemon = DaemonProcess {
+            child,
+            lines,
+            http: addr("0.0.0.0:0"),
+        };
+        loop {
+            let (_, line) = daemon
+                .lines
+                .recv_timeout(Duration::from_secs(30))
+                .expect("kalive-daemon did not start within 30 s");
+            assert!(!line.starts_with("error:"), "kalive-daemon failed: {line}");
+            // "serving http://127.0.0.1:PORT/metrics, ..."
+            if let Some(rest) = line.split("serving http://").nth(1) {
+                let address = rest.split('/').next().unwrap_or_default();
+                daemon.http = address.parse().expect("the daemon's HTTP address");
+                return daemon;
+            }
+        }
+    }
+
+    /// GET `path` from the daemon's HTTP server: (status, body).
+    pub fn get(&self, path: &str) -> (u16, String) {
+        let url = format!("http://{}{path}", self.http);
+        match ureq::get(&url)
+            .config()
+            .http_status_as_error(false)
+            .build()
+            .call()
+        {
+            Ok(mut response) => (
+                response.status().as_u16(),
+                response.body_mut().read_to_string().expect("body"),
+            ),
+            Err(err) => panic!("GET {url}: {err}"),
+        }
+    }
+}
+
+impl Drop for DaemonProcess {
+    fn drop(&mut self) {
+        // SAFETY: signalling our own child process.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let _ = self.child.wait();
+    }
+}
+
+/// The calling thread's network namespace's Tcp counters from /proc/net/snmp (OutRsts, ...).
+pub fn tcp_snmp() -> BTreeMap<String, u64> {
+    let text = std::fs::read_to_string("/proc/thread-self/net/snmp").expect("read snmp");
+    let mut lines = text.lines().filter(|line| line.starts_with("Tcp:"));
+    let (Some(names), Some(values)) = (lines.next(), lines.next()) else {
+        panic!("no Tcp lines in /proc/thread-self/net/snmp");
+    };
+    names
+        .split_whitespace()
+        .zip(values.split_whitespace())
+        .skip(1)
+        .filter_map(|(name, value)| Some((name.to_owned(), value.parse().ok()?)))
+        .collect()
+}

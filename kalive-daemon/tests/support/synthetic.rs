@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 
 use kalive_common::{event_flag, event_kind, ConnState, Event, AF_INET};
-use kalive_daemon::table::{ConnectionTable, KernelUnits};
+use kalive_daemon::table::{ConnectionTable, KernelUnits, DEFAULT_EPHEMERAL_PORTS};
 
 pub const HZ: u32 = 250;
 pub const NETNS: u32 = 4026531840;
@@ -15,6 +15,7 @@ pub fn empty_table(history: usize) -> ConnectionTable {
         KernelUnits {
             hz: HZ,
             reset_reasons: BTreeMap::from([(9, "TCP_KEEPALIVE_TIMEOUT".to_owned())]),
+            ephemeral_ports: DEFAULT_EPHEMERAL_PORTS,
         },
         history,
     )
