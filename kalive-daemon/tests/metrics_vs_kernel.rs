@@ -263,7 +263,7 @@ fn prometheus_sees_the_kernels_counts_for_the_core_scenarios() {
             .as_array()
             .expect("events array")
             .iter()
-            .filter(|e| e["kind"] == "ended" && e["connection"]["netns"].to_string() == ns)
+            .filter(|e| e["kind"] == "ended" && e["connection"]["netns"] == netns.inum)
             .map(|e| e["outcome"].as_str().unwrap_or_default().to_owned())
             .collect();
         if ended.len() >= 6 || Instant::now() > deadline {
