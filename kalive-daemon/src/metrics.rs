@@ -15,6 +15,7 @@ use crate::table::{ConnectionTable, Count, Origin, Tally};
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum)]
 pub enum ExtraLabel {
     /// The peer's IP address.
+    #[value(name = "remote_addr")]
     RemoteAddr,
     /// The network namespace's inode number.
     Netns,

@@ -21,6 +21,12 @@ fn help_lists_run_and_its_options() {
         "tracepoint",
         "--history",
         "--quiet-probes",
+        "--listen",
+        "127.0.0.1:9977",
+        "--web.config.file",
+        "--labels",
+        "remote_addr",
+        "--max-series",
     ] {
         assert!(
             text.contains(expected),
@@ -51,4 +57,60 @@ fn history_out_of_range_is_rejected() {
         .expect("run");
     assert_eq!(output.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&output.stderr).contains("--history"));
+}
+
+/// Runs `kalive-daemon run ARGS` and returns (exit code, stderr).
+fn run_with(args: &[&str]) -> (Option<i32>, String) {
+    let output = daemon().arg("run").args(args).output().expect("run");
+    (
+        output.status.code(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn http_options_are_checked_before_anything_loads() {
+    let (code, text) = run_with(&["--listen", "localhost"]);
+    assert_eq!(code, Some(2), "{text}");
+    assert!(text.contains("--listen"), "{text}");
+
+    let (code, text) = run_with(&["--labels", "pid"]);
+    assert_eq!(code, Some(2), "{text}");
+    assert!(
+        text.contains("netns") && text.contains("connection"),
+        "{text}"
+    );
+
+    let (code, text) = run_with(&["--max-series", "0"]);
+    assert_eq!(code, Some(2), "{text}");
+
+    let (code, text) = run_with(&["--web.config.file", "/nonexistent/web.yml"]);
+    assert_eq!(code, Some(1), "{text}");
+    assert!(
+        text.contains("cannot read the web config file /nonexistent/web.yml")
+            && text.contains("--web.config.file"),
+        "{text}"
+    );
+
+    let dir = std::env::temp_dir().join(format!("kalive-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let config = dir.join("web.yml");
+    std::fs::write(&config, "basic_auth_users:\n  alice: hunter2\n").expect("write");
+    let (code, text) = run_with(&["--web.config.file", config.to_str().expect("utf-8 path")]);
+    assert_eq!(code, Some(1), "{text}");
+    assert!(
+        text.contains("not a bcrypt hash") && text.contains("htpasswd"),
+        "{text}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+
+    // A port someone else holds: the error says so and how to choose another.
+    let holder = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = holder.local_addr().expect("address").to_string();
+    let (code, text) = run_with(&["--listen", &port]);
+    assert_eq!(code, Some(1), "{text}");
+    assert!(
+        text.contains(&format!("cannot listen on {port}")) && text.contains("--listen"),
+        "{text}"
+    );
 }
