@@ -277,26 +277,23 @@ fn route(app: &App, path: &str, query: Option<&str>) -> Answer {
         "/api/v1/connections" => match ConnectionsQuery::parse(query) {
             Ok(query) => {
                 let clock = Clock::now();
-                let state = app.state.lock();
-                json(&api::connections(
-                    &state.table,
-                    &query,
-                    &clock,
-                    state.mode.name(),
-                ))
+                // Built under the lock, encoded after it: the ring buffer reader waits less.
+                let body = {
+                    let state = app.state.lock();
+                    api::connections(&state.table, &query, &clock, state.mode.name())
+                };
+                json(&body)
             }
             Err(err) => text(StatusCode::BAD_REQUEST, err.to_string()),
         },
         "/api/v1/events" => match EventsQuery::parse(query) {
             Ok(query) => {
                 let clock = Clock::now();
-                let state = app.state.lock();
-                json(&api::events(
-                    &state.table,
-                    &query,
-                    &clock,
-                    state.mode.name(),
-                ))
+                let body = {
+                    let state = app.state.lock();
+                    api::events(&state.table, &query, &clock, state.mode.name())
+                };
+                json(&body)
             }
             Err(err) => text(StatusCode::BAD_REQUEST, err.to_string()),
         },
@@ -320,11 +317,12 @@ fn route(app: &App, path: &str, query: Option<&str>) -> Answer {
 
 fn metrics(app: &App) -> Answer {
     let started = std::time::Instant::now();
-    let rendered = {
+    let families = {
         let state = app.state.lock();
         let up = state.health.check(started).is_ok();
-        state.metrics.render(&state.table, up, started)
+        state.metrics.collect(&state.table, up, started)
     };
+    let rendered = prometheus::TextEncoder::new().encode_to_string(&families);
     match rendered {
         Ok(body) => {
             let mut response = Response::new(Full::new(Bytes::from(body)));

@@ -394,13 +394,24 @@ impl Metrics {
         collector_up: bool,
         started: Instant,
     ) -> Result<String, prometheus::Error> {
+        TextEncoder::new().encode_to_string(&self.collect(table, collector_up, started))
+    }
+
+    /// Sets the gauges that describe the table now and gathers every metric family, for
+    /// encoding after the table's lock is released.
+    pub fn collect(
+        &self,
+        table: &ConnectionTable,
+        collector_up: bool,
+        started: Instant,
+    ) -> Vec<prometheus::proto::MetricFamily> {
         self.set_connection_gauges(table);
         let (ended, changes) = table.history_lens();
         self.set_map("history_ended", ended, table.history_limit());
         self.set_map("history_peer_state", changes, table.history_limit());
         self.collector_up.set(i64::from(collector_up));
         self.scrape_duration.set(started.elapsed().as_secs_f64());
-        TextEncoder::new().encode_to_string(&self.registry.gather())
+        self.registry.gather()
     }
 
     fn set_connection_gauges(&self, table: &ConnectionTable) {
