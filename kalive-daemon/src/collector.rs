@@ -364,3 +364,33 @@ pub fn drop_name(reason: u32) -> &'static str {
         _ => "other",
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn health_names_why_it_is_unhealthy() {
+        let now = Instant::now();
+        let fresh = Health {
+            last_drain: now,
+            stopped: None,
+        };
+        assert_eq!(fresh.check(now + Duration::from_secs(1)), Ok(()));
+        let stale = fresh.check(now + DRAIN_STALE_AFTER + Duration::from_secs(2));
+        assert!(
+            stale
+                .as_ref()
+                .is_err_and(|reason| reason.contains("has not been drained for 7.0 s")),
+            "{stale:?}"
+        );
+        let stopped = Health {
+            stopped: Some("watching the ring buffer failed: EBADF".to_owned()),
+            ..fresh
+        };
+        assert_eq!(
+            stopped.check(now),
+            Err("the collector stopped: watching the ring buffer failed: EBADF".to_owned())
+        );
+    }
+}
