@@ -186,30 +186,26 @@ where
 
 type Answer = Response<Full<Bytes>>;
 
+fn answer(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Answer {
+    let mut response = Response::new(Full::new(body.into()));
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    response
+}
+
 fn text(status: StatusCode, body: impl Into<String>) -> Answer {
     let mut body = body.into();
     if !body.ends_with('\n') {
         body.push('\n');
     }
-    let mut response = Response::new(Full::new(Bytes::from(body)));
-    *response.status_mut() = status;
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    response
+    answer(status, "text/plain; charset=utf-8", body)
 }
 
 fn json(body: &impl serde::Serialize) -> Answer {
     match serde_json::to_vec(body) {
-        Ok(bytes) => {
-            let mut response = Response::new(Full::new(Bytes::from(bytes)));
-            response.headers_mut().insert(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("application/json"),
-            );
-            response
-        }
+        Ok(bytes) => answer(StatusCode::OK, "application/json", bytes),
         Err(err) => text(
             StatusCode::INTERNAL_SERVER_ERROR,
             format!("encoding the answer failed: {err}"),
@@ -324,14 +320,11 @@ fn metrics(app: &App) -> Answer {
     };
     let rendered = prometheus::TextEncoder::new().encode_to_string(&families);
     match rendered {
-        Ok(body) => {
-            let mut response = Response::new(Full::new(Bytes::from(body)));
-            response.headers_mut().insert(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
-            );
-            response
-        }
+        Ok(body) => answer(
+            StatusCode::OK,
+            "text/plain; version=0.0.4; charset=utf-8",
+            body,
+        ),
         // A partial exposition would look like vanished series: answer 500 instead.
         Err(err) => text(
             StatusCode::INTERNAL_SERVER_ERROR,

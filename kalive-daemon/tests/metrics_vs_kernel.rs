@@ -7,7 +7,6 @@ mod support;
 
 use std::{
     collections::BTreeMap,
-    io::Write as _,
     net::TcpListener,
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
@@ -137,32 +136,6 @@ fn sum(
         })
         .map(|(_, _, value)| value)
         .sum()
-}
-
-fn promtool_check(exposition: &str) {
-    let mut promtool = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("promtool");
-    promtool
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(exposition.as_bytes())
-        .expect("feed promtool");
-    let output = promtool.wait_with_output().expect("promtool");
-    let said = format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    assert!(
-        output.status.success() && said.trim().is_empty(),
-        "promtool: {said}"
-    );
 }
 
 /// A Prometheus server on loopback scraping `target` every second, killed on drop.

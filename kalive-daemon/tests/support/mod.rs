@@ -114,16 +114,27 @@ impl Drop for Netns {
 
 /// The calling thread's network namespace's TcpExt counters (/proc/net/netstat).
 pub fn tcp_ext() -> BTreeMap<String, u64> {
-    let text = std::fs::read_to_string("/proc/thread-self/net/netstat").expect("read netstat");
-    let mut lines = text.lines().filter(|line| line.starts_with("TcpExt:"));
+    proc_net_counters("netstat", "TcpExt:")
+}
+
+/// The calling thread's network namespace's Tcp counters (/proc/net/snmp: OutRsts, ...).
+pub fn tcp_snmp() -> BTreeMap<String, u64> {
+    proc_net_counters("snmp", "Tcp:")
+}
+
+/// A /proc/net file's pair of lines (names, values) starting with `prefix`, as a map.
+fn proc_net_counters(file: &str, prefix: &str) -> BTreeMap<String, u64> {
+    let path = format!("/proc/thread-self/net/{file}");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|err| panic!("read {path}: {err}"));
+    let mut lines = text.lines().filter(|line| line.starts_with(prefix));
     let (Some(names), Some(values)) = (lines.next(), lines.next()) else {
-        panic!("no TcpExt lines in /proc/thread-self/net/netstat");
+        panic!("no {prefix} lines in {path}");
     };
     names
         .split_whitespace()
         .zip(values.split_whitespace())
         .skip(1)
-        .map(|(name, value)| (name.to_owned(), value.parse().expect("TcpExt value")))
+        .filter_map(|(name, value)| Some((name.to_owned(), value.parse().ok()?)))
         .collect()
 }
 
@@ -466,17 +477,30 @@ impl Drop for DaemonProcess {
     }
 }
 
-/// The calling thread's network namespace's Tcp counters from /proc/net/snmp (OutRsts, ...).
-pub fn tcp_snmp() -> BTreeMap<String, u64> {
-    let text = std::fs::read_to_string("/proc/thread-self/net/snmp").expect("read snmp");
-    let mut lines = text.lines().filter(|line| line.starts_with("Tcp:"));
-    let (Some(names), Some(values)) = (lines.next(), lines.next()) else {
-        panic!("no Tcp lines in /proc/thread-self/net/snmp");
-    };
-    names
-        .split_whitespace()
-        .zip(values.split_whitespace())
-        .skip(1)
-        .filter_map(|(name, value)| Some((name.to_owned(), value.parse().ok()?)))
-        .collect()
+/// `promtool check metrics` on an exposition: it must pass without a single warning.
+pub fn promtool_check(exposition: &str) {
+    use std::io::Write as _;
+    let mut promtool = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run promtool (install it: `cargo xtask setup`)");
+    promtool
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(exposition.as_bytes())
+        .expect("feed promtool");
+    let output = promtool.wait_with_output().expect("promtool");
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        output.status.success() && said.trim().is_empty(),
+        "promtool refused or warned about the exposition: {said}"
+    );
 }
