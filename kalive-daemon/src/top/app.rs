@@ -12,6 +12,10 @@ use serde::Serialize;
 
 use crate::api::{ConnectionJson, ConnectionsJson, EventJson, EventsJson, StatusJson};
 
+/// Seconds over which the probe rate is averaged (probes come every keepalive interval, so a
+/// rate over one refresh would mostly read 0).
+pub const PROBE_RATE_WINDOW: f64 = 10.0;
+
 /// Recent outcomes kept for the events pane and the detail view.
 pub const MAX_EVENTS: usize = 500;
 
@@ -328,8 +332,9 @@ pub struct App {
     pub total_connections: usize,
     pub returned_connections: usize,
     pub hook_mode: String,
+    /// Probes sent per second over the last PROBE_RATE_WINDOW seconds (from the status totals).
     pub probes_per_second: Option<f64>,
-    previous_probes: Option<(f64, u64)>,
+    probe_samples: VecDeque<(f64, u64)>,
     pub sort: Sort,
     pub filter: Filter,
     /// The filter being typed after `/`, and a filter error to show.
@@ -364,7 +369,7 @@ impl App {
             returned_connections: 0,
             hook_mode: String::new(),
             probes_per_second: None,
-            previous_probes: None,
+            probe_samples: VecDeque::new(),
             sort: Sort::default(),
             filter: Filter::default(),
             filter_input: None,
@@ -437,13 +442,29 @@ impl App {
         self.merge_events(&snapshot.events);
         let now = snapshot.taken_unix_seconds;
         if let Some(status) = &snapshot.status {
-            if let Some((then, probes)) = self.previous_probes {
-                if now > then && status.probes_sent >= probes {
-                    self.probes_per_second =
-                        Some((status.probes_sent - probes) as f64 / (now - then));
-                }
+            // A daemon that restarted counts afresh: forget the older samples.
+            if self
+                .probe_samples
+                .back()
+                .is_some_and(|&(_, probes)| probes > status.probes_sent)
+            {
+                self.probe_samples.clear();
             }
-            self.previous_probes = Some((now, status.probes_sent));
+            self.probe_samples.push_back((now, status.probes_sent));
+            while self.probe_samples.len() > 2
+                && self
+                    .probe_samples
+                    .get(1)
+                    .is_some_and(|&(then, _)| now - then >= PROBE_RATE_WINDOW)
+            {
+                self.probe_samples.pop_front();
+            }
+            self.probes_per_second = match (self.probe_samples.front(), self.probe_samples.back()) {
+                (Some(&(then, old)), Some(&(_, new))) if now > then => {
+                    Some((new - old) as f64 / (now - then))
+                }
+                _ => None,
+            };
         }
         self.status = snapshot.status;
         self.hook_mode = snapshot.connections.hook_mode.into_owned();
@@ -1108,5 +1129,22 @@ pub(crate) mod tests {
         app.apply(snapshot(1004.0, sample(), events(vec![], false)));
         assert_eq!(app.probes_per_second, Some(2.0));
         assert_eq!(app.error, None);
+        // Averaged over the window: a burst of 30 probes in the last second of 10 reads 3/s.
+        let mut app = App::new(30.0);
+        for (taken, probes) in [(1000.0, 100), (1005.0, 100), (1009.0, 100), (1010.0, 130)] {
+            let mut snap = snapshot(taken, sample(), events(vec![], false));
+            snap.status.as_mut().expect("status").probes_sent = probes;
+            app.apply(snap);
+        }
+        assert_eq!(app.probes_per_second, Some(3.0));
+        // Older samples leave the window; a restarted daemon (lower total) starts afresh.
+        let mut snap = snapshot(1020.0, sample(), events(vec![], false));
+        snap.status.as_mut().expect("status").probes_sent = 150;
+        app.apply(snap);
+        assert_eq!(app.probes_per_second, Some(2.0));
+        let mut snap = snapshot(1021.0, sample(), events(vec![], false));
+        snap.status.as_mut().expect("status").probes_sent = 5;
+        app.apply(snap);
+        assert_eq!(app.probes_per_second, None);
     }
 }

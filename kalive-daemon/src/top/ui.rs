@@ -460,3 +460,204 @@ pub fn plain_text(app: &App, source: &str) -> String {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use crossterm::event::{KeyCode, KeyEvent, KeyModifiers};
+    use ratatui::{backend::TestBackend, buffer::Buffer, Terminal};
+
+    use super::*;
+    use crate::top::app::tests::{conn, event, events, sample, snapshot};
+
+    /// The screen's text, one line per row, trailing spaces kept (a fixed-size grid).
+    fn text(buffer: &Buffer) -> String {
+        let area = buffer.area;
+        let mut out = String::new();
+        for y in 0..area.height {
+            for x in 0..area.width {
+                out.push_str(buffer[(x, y)].symbol());
+            }
+            out.push('\n');
+        }
+        out
+    }
+
+    fn render(app: &App, width: u16, height: u16) -> (Buffer, usize) {
+        let mut terminal = Terminal::new(TestBackend::new(width, height)).expect("terminal");
+        let mut page = 0;
+        terminal
+            .draw(|frame| page = draw(frame, app, "http://127.0.0.1:9977"))
+            .expect("draw");
+        (terminal.backend().buffer().clone(), page)
+    }
+
+    /// A fixed data set: four live connections, one that ended dead, three events.
+    fn fixed() -> App {
+        let mut app = App::new(60.0);
+        let probing = conn(5, 40005, "10.0.0.8:5432", "probing", 3);
+        let mut dead = probing.clone();
+        dead.peer_state = "dead".into();
+        dead.peer_state_detail = "dead".into();
+        app.apply(snapshot(
+            1010.0,
+            sample(),
+            events(
+                vec![
+                    event(7, "ended", dead, None, "dead"),
+                    event(
+                        6,
+                        "peer_state",
+                        probing.clone(),
+                        Some("probing 2/3"),
+                        "probing 3/3",
+                    ),
+                    event(5, "peer_state", probing, Some("probing 1/3"), "probing 2/3"),
+                ],
+                false,
+            ),
+        ));
+        app
+    }
+
+    #[test]
+    fn full_screen_snapshot() {
+        let (buffer, page) = render(&fixed(), 110, 26);
+        let expected = "\
+kalive top  http://127.0.0.1:9977  hook tracepoint  kernel 6.18.0  up 1h02m                                   
+4 connections (2 probing, 1 ended recently)  probes/s -  timeouts 1  resets 2  events lost 0                  
+┌ connections 1-5 of 5 ──────────────────────────────────────────────────────────────────────────────────────┐
+│LOCAL           REMOTE          IDLE/INTVL/CNT  IDLE  PROBES  SENT  ANSW  LAST PROBE  STATE^                │
+│10.0.0.1:40005  10.0.0.8:5432   60s/10s/3       1m05s 3/3     8     5     5.0s        dead                  │
+│10.0.0.1:40004  [::1]:8080      60s/10s/3       1m04s 0/3     4     4     4.0s        rebooted              │
+│10.0.0.1:40002  10.0.0.7:6379   60s/10s/3       1m02s 2/3     4     2     2.0s        probing 2/3           │
+│10.0.0.1:40003  192.168.1.5:443 60s/10s/3       1m03s 1/3     4     3     3.0s        probing 1/3           │
+│10.0.0.1:40001  10.0.0.9:5432   60s/10s/3       1m01s 0/3     1     1     1.0s        alive                 │
+│                                                                                                            │
+│                                                                                                            │
+│                                                                                                            │
+│                                                                                                            │
+│                                                                                                            │
+│                                                                                                            │
+└────────────────────────────────────────────────────────────────────────────────────────────────────────────┘
+┌ recent outcomes, newest first ─────────────────────────────────────────────────────────────────────────────┐
+│  3.0s ago  dead         10.0.0.1:40005 -> 10.0.0.8:5432  ETIMEDOUT                                         │
+│  4.0s ago  probing 3/3  10.0.0.1:40005 -> 10.0.0.8:5432  was probing 2/3                                   │
+│  5.0s ago  probing 2/3  10.0.0.1:40005 -> 10.0.0.8:5432  was probing 1/3                                   │
+│                                                                                                            │
+│                                                                                                            │
+│                                                                                                            │
+│                                                                                                            │
+└────────────────────────────────────────────────────────────────────────────────────────────────────────────┘
+q quit  up/down select  Enter detail  / filter  1-9 < > sort  r reverse  p pause                              
+";
+        assert_eq!(text(&buffer), expected);
+        assert_eq!(page, 11);
+        // States are coloured by name; the selected (first) row is reversed.
+        let state_cell = |y: u16| buffer[(91, y)].fg;
+        assert_eq!(state_cell(4), Color::Red);
+        assert_eq!(state_cell(5), Color::Magenta);
+        assert_eq!(state_cell(6), Color::Yellow);
+        assert_eq!(state_cell(8), Color::Green);
+        assert!(buffer[(1, 4)].modifier.contains(Modifier::REVERSED));
+        assert!(!buffer[(1, 5)].modifier.contains(Modifier::REVERSED));
+    }
+
+    #[test]
+    fn detail_filter_input_and_pause_are_drawn() {
+        let mut app = fixed();
+        app.on_key(KeyEvent::new(KeyCode::Enter, KeyModifiers::NONE), 10);
+        app.on_key(KeyEvent::new(KeyCode::Char('p'), KeyModifiers::NONE), 10);
+        let (buffer, _) = render(&app, 110, 30);
+        let screen = text(&buffer);
+        assert!(screen.contains("PAUSED"), "{screen}");
+        assert!(
+            screen.contains("connection detail (Esc closes)"),
+            "{screen}"
+        );
+        assert!(
+            screen.contains("connection 5  (outbound, netns 4026531840)"),
+            "{screen}"
+        );
+        assert!(
+            screen.contains("ended 3.0s ago: dead (ETIMEDOUT)"),
+            "{screen}"
+        );
+        assert!(screen.contains("probing 3/3  10.0.0.1:40005 -> 10.0.0.8:5432  was probing 2/3"));
+        app.on_key(KeyEvent::new(KeyCode::Esc, KeyModifiers::NONE), 10);
+        for key in "/prob".chars() {
+            app.on_key(KeyEvent::new(KeyCode::Char(key), KeyModifiers::NONE), 10);
+        }
+        let (buffer, _) = render(&app, 110, 30);
+        let screen = text(&buffer);
+        assert!(!screen.contains("connection detail"), "{screen}");
+        assert!(
+            screen.contains("filter: prob_  (Enter apply, Esc cancel)"),
+            "{screen}"
+        );
+        app.on_key(KeyEvent::new(KeyCode::Enter, KeyModifiers::NONE), 10);
+        let (buffer, _) = render(&app, 110, 30);
+        let screen = text(&buffer);
+        assert!(screen.contains("connections 1-2 of 2"), "{screen}");
+        assert!(screen.contains("filter: prob (Esc clears)"), "{screen}");
+        // The events pane follows the filter: only the probing events are left.
+        assert!(!screen.contains("ETIMEDOUT"), "{screen}");
+    }
+
+    #[test]
+    fn scrolling_keeps_the_selection_on_screen_and_small_terminals_work() {
+        let mut app = App::new(60.0);
+        let many: Vec<_> = (1..=200)
+            .map(|id| conn(id, 30_000 + id as u16, "10.0.0.9:5432", "alive", 0))
+            .collect();
+        app.apply(snapshot(1010.0, many, events(vec![], false)));
+        let (_, page) = render(&app, 110, 26);
+        app.on_key(KeyEvent::new(KeyCode::PageDown, KeyModifiers::NONE), page);
+        app.on_key(KeyEvent::new(KeyCode::PageDown, KeyModifiers::NONE), page);
+        let (buffer, _) = render(&app, 110, 26);
+        let screen = text(&buffer);
+        // Two pages of 11 down: row 23 selected, at the bottom of rows 13-23.
+        assert!(screen.contains("connections 13-23 of 200"), "{screen}");
+        assert!(screen.contains("10.0.0.1:30023"), "{screen}");
+        app.on_key(KeyEvent::new(KeyCode::End, KeyModifiers::NONE), page);
+        let (buffer, _) = render(&app, 110, 26);
+        assert!(text(&buffer).contains("connections 190-200 of 200"));
+        // Tiny terminals draw what fits (no events pane) without panicking.
+        for (width, height) in [(20, 5), (1, 1), (110, 8), (40, 23)] {
+            let (buffer, _) = render(&app, width, height);
+            assert_eq!(buffer.area.width, width);
+        }
+    }
+
+    #[test]
+    fn plain_text_has_every_row_and_event() {
+        let app = fixed();
+        let text = plain_text(&app, "http://127.0.0.1:9977");
+        let expected = "\
+kalive top  http://127.0.0.1:9977  hook tracepoint  kernel 6.18.0  up 1h02m
+4 connections (2 probing, 1 ended recently)  probes/s -  timeouts 1  resets 2  events lost 0
+LOCAL           REMOTE          IDLE/INTVL/CNT  IDLE  PROBES  SENT  ANSW  LAST PROBE  STATE
+10.0.0.1:40005  10.0.0.8:5432   60s/10s/3       1m05s 3/3     8     5     5.0s        dead
+10.0.0.1:40004  [::1]:8080      60s/10s/3       1m04s 0/3     4     4     4.0s        rebooted
+10.0.0.1:40002  10.0.0.7:6379   60s/10s/3       1m02s 2/3     4     2     2.0s        probing 2/3
+10.0.0.1:40003  192.168.1.5:443 60s/10s/3       1m03s 1/3     4     3     3.0s        probing 1/3
+10.0.0.1:40001  10.0.0.9:5432   60s/10s/3       1m01s 0/3     1     1     1.0s        alive
+
+recent outcomes, newest first:
+  3.0s ago  dead         10.0.0.1:40005 -> 10.0.0.8:5432  ETIMEDOUT
+  4.0s ago  probing 3/3  10.0.0.1:40005 -> 10.0.0.8:5432  was probing 2/3
+  5.0s ago  probing 2/3  10.0.0.1:40005 -> 10.0.0.8:5432  was probing 1/3
+";
+        assert_eq!(text, expected);
+    }
+
+    #[test]
+    fn durations_fit_a_narrow_column() {
+        assert_eq!(duration(0.42), "0.4s");
+        assert_eq!(duration(12.7), "12s");
+        assert_eq!(duration(185.0), "3m05s");
+        assert_eq!(duration(7800.0), "2h10m");
+        assert_eq!(duration(273_600.0), "3d04h");
+        assert_eq!(duration(-1.0), "-");
+        assert_eq!(duration(f64::NAN), "-");
+    }
+}
