@@ -8,7 +8,7 @@ mod support;
 use std::{
     io::{BufRead as _, BufReader, Read as _, Write as _},
     net::TcpStream,
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     sync::mpsc,
     time::{Duration, Instant},
 };
@@ -16,16 +16,6 @@ use std::{
 use support::*;
 
 const BIN: &str = env!("CARGO_BIN_EXE_kalive-daemon");
-
-struct KillOnDrop(Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        // SAFETY: signalling our own child process.
-        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
-        let _ = self.0.wait();
-    }
-}
 
 /// Starts `kalive-daemon run` on a free port; returns it and its http://ADDR.
 fn start_daemon() -> (KillOnDrop, String) {
@@ -374,6 +364,24 @@ fn top_shows_probing_steps_then_dead_and_rebooted_as_the_kernel_does() {
             && line.contains(&format!("127.0.0.1:{rebooted_port} ->"))),
         "{last_screen}"
     );
+
+    // A resize redraws at the new size at once.
+    tmux.command(&["resize-window", "-t", "top", "-x", "120", "-y", "40"]);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let screen = tmux.screen();
+        let border = screen
+            .lines()
+            .find(|line| line.starts_with("┌ connections"));
+        if border.is_some_and(|line| line.chars().count() == 120) && screen.lines().count() >= 40 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not redrawn at 120x40:\n{screen}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 
     // `q` quits and gives the terminal back (the pane stays, remain-on-exit, to be read).
     tmux.press("q");

@@ -113,6 +113,10 @@ pub async fn run(args: TopArgs) -> Result<(), TopError> {
     };
     let described = source.describe();
 
+    if args.standalone && (args.once || args.json) {
+        // A collector just started has seen nothing yet: give the timers one interval.
+        tokio::time::sleep(Duration::from_secs_f64(args.interval)).await;
+    }
     // The first snapshot decides: an absent daemon is an error before the screen changes.
     let (first, source) = tokio::task::spawn_blocking(move || (source.fetch(), source))
         .await

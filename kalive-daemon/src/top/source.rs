@@ -421,4 +421,52 @@ mod tests {
         assert!(error.contains("sudo kalive-daemon run"), "{error}");
         assert!(error.contains("top --standalone"), "{error}");
     }
+
+    /// Serves `answers` HTTP answers, one per connection, on a free port.
+    fn serve(answers: Vec<&'static str>) -> u16 {
+        use std::io::{Read as _, Write as _};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = listener.local_addr().expect("address").port();
+        std::thread::spawn(move || {
+            for answer in answers {
+                let Ok((mut stream, _)) = listener.accept() else {
+                    return;
+                };
+                let mut request = [0u8; 4096];
+                let _ = stream.read(&mut request);
+                let _ = stream.write_all(answer.as_bytes());
+            }
+        });
+        port
+    }
+
+    #[test]
+    fn refusals_and_bad_answers_are_named() {
+        let unauthorized =
+            "HTTP/1.1 401 Unauthorized\r\ncontent-length: 0\r\nconnection: close\r\n\r\n";
+        let port = serve(vec![unauthorized, unauthorized]);
+        let mut source = HttpSource::new(&format!("127.0.0.1:{port}"), None).expect("source");
+        let error = source.fetch().expect_err("401");
+        assert!(
+            error.contains("--user NAME") && error.contains(PASSWORD_ENV),
+            "{error}"
+        );
+        let mut source = HttpSource::new(
+            &format!("127.0.0.1:{port}"),
+            Some(("ops".into(), "wrong".into())),
+        )
+        .expect("source");
+        let error = source.fetch().expect_err("401");
+        assert!(error.contains("refused user \"ops\""), "{error}");
+
+        let garbage = "HTTP/1.1 200 OK\r\ncontent-length: 9\r\nconnection: close\r\n\r\nnot json!";
+        let port = serve(vec![garbage]);
+        let mut source = HttpSource::new(&format!("127.0.0.1:{port}"), None).expect("source");
+        let error = source.fetch().expect_err("garbage");
+        assert!(error.contains("is not what top expects"), "{error}");
+        assert!(
+            error.contains("a kalive daemon of the same version"),
+            "{error}"
+        );
+    }
 }

@@ -365,3 +365,14 @@ pub fn raise_fd_limit(wanted: u64) {
 pub fn addr(text: &str) -> SocketAddr {
     text.parse().expect("socket address")
 }
+
+/// A child process (the daemon binary) stopped with SIGTERM and reaped on drop.
+pub struct KillOnDrop(pub std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        // SAFETY: signalling our own child process.
+        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
+        let _ = self.0.wait();
+    }
+}
