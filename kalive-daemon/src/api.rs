@@ -1,9 +1,12 @@
 //! The JSON API's bodies and query parameters: `/api/v1/connections` and `/api/v1/events`.
 //! Pure functions of the table, so they are tested without a server.
 
-use std::net::{IpAddr, SocketAddr};
+use std::{
+    borrow::Cow,
+    net::{IpAddr, SocketAddr},
+};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::{
     classify::errno_name,
@@ -171,7 +174,7 @@ impl ConnectionsQuery {
     }
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct KeepaliveJson {
     pub enabled: bool,
     pub idle_seconds: f64,
@@ -180,11 +183,11 @@ pub struct KeepaliveJson {
     pub user_timeout_seconds: Option<f64>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct ConnectionJson {
     pub id: u64,
     pub netns: u32,
-    pub direction: &'static str,
+    pub direction: Cow<'static, str>,
     pub local_addr: String,
     pub local_port: u16,
     pub remote_addr: String,
@@ -201,12 +204,12 @@ pub struct ConnectionJson {
     pub last_timer_run_age_seconds: Option<f64>,
     pub first_seen_unix_seconds: f64,
     /// alive, probing, rebooted, reset (and the final states in events).
-    pub peer_state: &'static str,
+    pub peer_state: Cow<'static, str>,
     /// The state with probes outstanding: "probing 2/3".
     pub peer_state_detail: String,
     pub reset_received: bool,
     pub last_error: Option<String>,
-    pub hook_mode: &'static str,
+    pub hook_mode: Cow<'static, str>,
 }
 
 impl ConnectionJson {
@@ -215,7 +218,7 @@ impl ConnectionJson {
         ConnectionJson {
             id: conn.id,
             netns: conn.netns,
-            direction: conn.direction.name(),
+            direction: conn.direction.name().into(),
             local_addr: conn.local.ip().to_string(),
             local_port: conn.local.port(),
             remote_addr: conn.remote.ip().to_string(),
@@ -236,18 +239,18 @@ impl ConnectionJson {
             idle_seconds: conn.idle_at_last_run.as_secs_f64(),
             last_timer_run_age_seconds: stamp(conn.last_run_ns).map(|ns| clock.age(ns)),
             first_seen_unix_seconds: clock.unix(conn.first_seen_ns),
-            peer_state: conn.peer_state.name(),
+            peer_state: conn.peer_state.name().into(),
             peer_state_detail: conn.peer_state.to_string(),
             reset_received: conn.reset_received,
             last_error: (conn.last_error != 0).then(|| errno_name(conn.last_error)),
-            hook_mode,
+            hook_mode: hook_mode.into(),
         }
     }
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct ConnectionsJson {
-    pub hook_mode: &'static str,
+    pub hook_mode: Cow<'static, str>,
     /// Connections that match the filters.
     pub total: usize,
     pub returned: usize,
@@ -272,7 +275,7 @@ pub fn connections(
     matching.sort_unstable_by_key(|conn| conn.id);
     matching.truncate(query.limit);
     ConnectionsJson {
-        hook_mode,
+        hook_mode: hook_mode.into(),
         total,
         returned: matching.len(),
         truncated: total > matching.len(),
@@ -314,17 +317,17 @@ impl EventsQuery {
     }
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct EventJson {
     pub seq: u64,
     /// peer_state (a live connection's state changed) or ended.
-    pub kind: &'static str,
+    pub kind: Cow<'static, str>,
     pub time_unix_seconds: f64,
     /// The state before (peer_state) and after ("probing 2/3", or the outcome when ended).
     pub from: Option<String>,
     pub to: String,
     /// For ended connections: the outcome and the socket error.
-    pub outcome: Option<&'static str>,
+    pub outcome: Option<Cow<'static, str>>,
     pub error: Option<String>,
     pub connection: ConnectionJson,
 }
@@ -334,7 +337,7 @@ impl EventJson {
         match &entry.change {
             Change::PeerState(change) => EventJson {
                 seq: entry.seq,
-                kind: "peer_state",
+                kind: "peer_state".into(),
                 time_unix_seconds: clock.unix(change.time_ns),
                 from: Some(change.from.to_string()),
                 to: change.connection.peer_state.to_string(),
@@ -344,11 +347,11 @@ impl EventJson {
             },
             Change::Ended(ended) => EventJson {
                 seq: entry.seq,
-                kind: "ended",
+                kind: "ended".into(),
                 time_unix_seconds: clock.unix(ended.ended_ns),
                 from: None,
                 to: ended.outcome.to_string(),
-                outcome: Some(ended.outcome.name()),
+                outcome: Some(ended.outcome.name().into()),
                 error: (ended.error != 0).then(|| errno_name(ended.error)),
                 connection: ConnectionJson::new(&ended.connection, clock, hook_mode),
             },
@@ -356,7 +359,7 @@ impl EventJson {
     }
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct EventsJson {
     /// Pass as `since` to get what happened after this answer.
     pub next_since: u64,
@@ -518,7 +521,7 @@ mod tests {
         let seqs: Vec<u64> = newest.events.iter().map(|e| e.seq).collect();
         assert_eq!(seqs, vec![5, 4]);
         assert_eq!(newest.next_since, 5);
-        assert_eq!(newest.events[0].outcome, Some("closed"));
+        assert_eq!(newest.events[0].outcome.as_deref(), Some("closed"));
 
         let page = events(
             &table,
@@ -560,5 +563,151 @@ mod tests {
         );
         assert!(restarted.gap);
         assert_eq!(restarted.events.len(), 2);
+    }
+}
+
+/// `/api/v1/status`: the daemon as a whole, for a live view's header (`kalive-daemon top`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StatusJson {
+    pub version: Cow<'static, str>,
+    pub hook_mode: Cow<'static, str>,
+    /// The running kernel's release (`uname -r`).
+    pub kernel: String,
+    /// When the daemon's process started, and how long ago (None when /proc does not tell).
+    pub started_unix_seconds: Option<f64>,
+    pub uptime_seconds: Option<f64>,
+    /// Connections tracked now.
+    pub connections: usize,
+    /// Totals over every network namespace since the daemon started.
+    pub probes_sent: u64,
+    pub probes_answered: u64,
+    pub probe_send_failures: u64,
+    /// Connections closed by the keepalive timer (dead or unreachable).
+    pub keepalive_timeouts: u64,
+    pub resets_received: u64,
+    /// Events lost anywhere between the kernel and the table (as kalive_events_lost_total).
+    pub events_lost: u64,
+}
+
+/// The status body. `started_boot_ns` is the daemon's start on the CLOCK_BOOTTIME scale.
+pub fn status(
+    table: &ConnectionTable,
+    events_lost: u64,
+    started_boot_ns: Option<u64>,
+    clock: &Clock,
+    hook_mode: &'static str,
+    kernel: String,
+) -> StatusJson {
+    let mut status = StatusJson {
+        version: env!("CARGO_PKG_VERSION").into(),
+        hook_mode: hook_mode.into(),
+        kernel,
+        started_unix_seconds: started_boot_ns.map(|ns| clock.unix(ns)),
+        uptime_seconds: started_boot_ns.map(|ns| clock.age(ns)),
+        connections: table.connection_count(),
+        probes_sent: 0,
+        probes_answered: 0,
+        probe_send_failures: 0,
+        keepalive_timeouts: 0,
+        resets_received: 0,
+        events_lost,
+    };
+    for totals in table.all_totals().values() {
+        status.probes_sent += totals.probes_sent;
+        status.probes_answered += totals.probes_answered;
+        status.probe_send_failures += totals.probe_send_failures;
+        status.keepalive_timeouts += totals.keepalive_timeouts;
+        status.resets_received += totals.resets_received;
+    }
+    status
+}
+
+/// The status of a collector's state (what `/api/v1/status` answers).
+pub fn status_of(state: &crate::collector::State, clock: &Clock) -> StatusJson {
+    let lost = state.stats.kernel_drops.iter().sum::<u64>() + state.stats.decode_errors;
+    status(
+        &state.table,
+        lost,
+        process_start_boot_ns(),
+        clock,
+        state.mode.name(),
+        crate::collector::kernel_release(),
+    )
+}
+
+/// When this process started, in CLOCK_BOOTTIME nanoseconds (from /proc/self/stat), read once.
+pub fn process_start_boot_ns() -> Option<u64> {
+    static STARTED: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
+    *STARTED.get_or_init(|| {
+        // SAFETY: sysconf has no preconditions.
+        let ticks_per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+        let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+        start_boot_ns(&stat, u64::try_from(ticks_per_second).ok()?)
+    })
+}
+
+/// The start time (field 22, in clock ticks since boot) of a /proc/PID/stat line, in ns.
+fn start_boot_ns(stat: &str, ticks_per_second: u64) -> Option<u64> {
+    if ticks_per_second == 0 {
+        return None;
+    }
+    // The command name (field 2) may hold spaces and parentheses: count from its last ')'.
+    let after_name = &stat[stat.rfind(')')? + 1..];
+    let ticks: u64 = after_name.split_whitespace().nth(19)?.parse().ok()?;
+    Some(ticks.checked_mul(1_000_000_000)? / ticks_per_second)
+}
+
+#[cfg(test)]
+mod status_tests {
+    use super::*;
+
+    #[test]
+    fn start_time_is_read_after_the_command_name() {
+        let stat = "4242 (kalive (x) d) S 1 4242 4242 0 -1 4194560 1000 0 0 0 5 3 0 0 20 0 3 0 \
+                    123456 1000000 500 18446744073709551615";
+        assert_eq!(start_boot_ns(stat, 100), Some(1_234_560_000_000));
+        assert_eq!(start_boot_ns(stat, 0), None);
+        assert_eq!(start_boot_ns("garbage", 100), None);
+        assert_eq!(start_boot_ns("1 (x) S 1 2", 100), None);
+    }
+
+    #[test]
+    fn this_process_has_started_before_now() {
+        let clock = Clock::now();
+        let started = process_start_boot_ns().expect("/proc/self/stat");
+        assert!(started <= clock.boot_ns);
+    }
+
+    #[test]
+    fn status_round_trips_through_json() {
+        let table = ConnectionTable::new(
+            crate::table::KernelUnits {
+                hz: 250,
+                reset_reasons: Default::default(),
+                ephemeral_ports: crate::table::DEFAULT_EPHEMERAL_PORTS,
+            },
+            10,
+        );
+        let clock = Clock {
+            boot_ns: 10_000_000_000,
+            unix_seconds: 1_000.0,
+        };
+        let status = status(
+            &table,
+            7,
+            Some(4_000_000_000),
+            &clock,
+            "tracepoint",
+            "6.18".into(),
+        );
+        assert_eq!(status.uptime_seconds, Some(6.0));
+        assert_eq!(status.started_unix_seconds, Some(994.0));
+        assert_eq!(status.events_lost, 7);
+        assert_eq!(status.connections, 0);
+        assert_eq!(status.probes_sent, 0);
+        let text = serde_json::to_string(&status).expect("encode");
+        assert!(text.contains("\"hook_mode\":\"tracepoint\""), "{text}");
+        let back: StatusJson = serde_json::from_str(&text).expect("decode");
+        assert_eq!(back, status);
     }
 }

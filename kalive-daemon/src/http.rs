@@ -213,7 +213,7 @@ fn json(body: &impl serde::Serialize) -> Answer {
     }
 }
 
-const PATHS: &str = "/metrics, /api/v1/connections, /api/v1/events, /healthz";
+const PATHS: &str = "/metrics, /api/v1/connections, /api/v1/events, /api/v1/status, /healthz";
 
 async fn handle(app: &App, request: Request<Incoming>) -> Answer {
     let mut response = if request.method() != Method::GET && request.method() != Method::HEAD {
@@ -293,6 +293,10 @@ fn route(app: &App, path: &str, query: Option<&str>) -> Answer {
             }
             Err(err) => text(StatusCode::BAD_REQUEST, err.to_string()),
         },
+        "/api/v1/status" => {
+            let clock = Clock::now();
+            json(&api::status_of(&app.state.lock(), &clock))
+        }
         "/healthz" => {
             let state = app.state.lock();
             match state.health.check(std::time::Instant::now()) {

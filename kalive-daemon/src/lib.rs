@@ -5,7 +5,8 @@
 //!   `tracefs`, and attaches them in a hook mode;
 //! - kalive-ebpf's `timer_run.rs`: where a keepalive probe is counted, in the kernel;
 //! - `collector`: drains the ring buffer into the `table` and logs through `report`;
-//! - `classify`: the peer state rules (alive, probing, dead, rebooted, unreachable, reset, closed).
+//! - `classify`: the peer state rules (alive, probing, dead, rebooted, unreachable, reset, closed);
+//! - `top`: the live view (`kalive-daemon top`), a client of the HTTP API.
 
 pub mod api;
 pub mod btf_layout;
@@ -20,5 +21,6 @@ pub mod loader;
 pub mod metrics;
 pub mod report;
 pub mod table;
+pub mod top;
 pub mod tracefs;
 pub mod web_config;

@@ -15,7 +15,13 @@ use tokio_util::sync::CancellationToken;
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    // The live view owns the terminal: log lines would tear it, so top logs only on request.
+    let default_filter = match cli.command {
+        Command::Top(_) => "off",
+        Command::Run(_) => "info",
+    };
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(default_filter))
+        .init();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -30,6 +36,7 @@ fn main() -> std::process::ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Run(args) => run(args).await,
+            Command::Top(args) => kalive_daemon::top::run(args).await.map_err(Into::into),
         }
     });
     match result {

@@ -403,7 +403,7 @@ pub fn tool(test: &str, program: &str) -> bool {
 /// The real `kalive-daemon run` binary, started with `args` after `run --listen 127.0.0.1:0`,
 /// stopped with SIGTERM on drop. Its log lines arrive on `lines`, stamped on arrival.
 pub struct DaemonProcess {
-    child: std::process::Child,
+    _child: KillOnDrop,
     pub lines: std::sync::mpsc::Receiver<(std::time::Instant, String)>,
     /// Where its HTTP server listens.
     pub http: SocketAddr,
@@ -432,7 +432,7 @@ impl DaemonProcess {
             }
         });
         let mut daemon = DaemonProcess {
-            child,
+            _child: KillOnDrop(child),
             lines,
             http: addr("0.0.0.0:0"),
         };
@@ -469,14 +469,6 @@ impl DaemonProcess {
     }
 }
 
-impl Drop for DaemonProcess {
-    fn drop(&mut self) {
-        // SAFETY: signalling our own child process.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let _ = self.child.wait();
-    }
-}
-
 /// `promtool check metrics` on an exposition: it must pass without a single warning.
 pub fn promtool_check(exposition: &str) {
     use std::io::Write as _;
@@ -503,4 +495,15 @@ pub fn promtool_check(exposition: &str) {
         output.status.success() && said.trim().is_empty(),
         "promtool refused or warned about the exposition: {said}"
     );
+}
+
+/// A child process (the daemon binary) stopped with SIGTERM and reaped on drop.
+pub struct KillOnDrop(pub std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        // SAFETY: signalling our own child process.
+        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
+        let _ = self.0.wait();
+    }
 }
