@@ -6,7 +6,7 @@ use std::{collections::HashSet, time::Instant};
 
 use prometheus::{
     Gauge, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Registry,
 };
 
 use crate::table::{ConnectionTable, Count, Origin, Tally};
@@ -387,16 +387,6 @@ impl Metrics {
         self.build_info.with_label_values(&[version, kernel]).set(1);
     }
 
-    /// Sets the gauges that describe the table now and returns the exposition text.
-    pub fn render(
-        &self,
-        table: &ConnectionTable,
-        collector_up: bool,
-        started: Instant,
-    ) -> Result<String, prometheus::Error> {
-        TextEncoder::new().encode_to_string(&self.collect(table, collector_up, started))
-    }
-
     /// Sets the gauges that describe the table now and gathers every metric family, for
     /// encoding after the table's lock is released.
     pub fn collect(
@@ -478,6 +468,8 @@ fn add_to_buckets(counts: &mut [i64], bounds: &[f64], value: f64) {
 mod tests {
     use std::{net::IpAddr, time::Duration};
 
+    use prometheus::TextEncoder;
+
     use super::*;
     use crate::{
         classify::PeerState,
@@ -499,9 +491,10 @@ mod tests {
     }
 
     fn render(metrics: &Metrics) -> String {
-        metrics
-            .render(&table(), true, Instant::now())
-            .expect("render")
+        let families = metrics.collect(&table(), true, Instant::now());
+        TextEncoder::new()
+            .encode_to_string(&families)
+            .expect("encode")
     }
 
     #[test]
