@@ -322,9 +322,9 @@ fn drain_ready(ring: &mut RingBuf<MapData>, state: &SharedState, log_probes: boo
                     }
                 }
             }
-            for tally in state.table.take_tallies() {
-                state.metrics.record(&tally);
-            }
+        }
+        for tally in state.table.take_tallies() {
+            state.metrics.record(&tally);
         }
     }
     for notice in &notices {

@@ -158,20 +158,17 @@ impl Metrics {
             names
         };
         let counter = |name: &str, help: &str, labels: &[&str]| {
-            let counter = IntCounterVec::new(Opts::new(name, help), labels)?;
-            registry.register(Box::new(counter.clone()))?;
-            Ok::<_, prometheus::Error>(counter)
+            registered(
+                &registry,
+                IntCounterVec::new(Opts::new(name, help), labels)?,
+            )
         };
         let gauge = |name: &str, help: &str, labels: &[&str]| {
-            let gauge = IntGaugeVec::new(Opts::new(name, help), labels)?;
-            registry.register(Box::new(gauge.clone()))?;
-            Ok::<_, prometheus::Error>(gauge)
+            registered(&registry, IntGaugeVec::new(Opts::new(name, help), labels)?)
         };
         let histogram = |name: &str, help: &str, buckets: Vec<f64>, labels: &[&str]| {
-            let histogram =
-                HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), labels)?;
-            registry.register(Box::new(histogram.clone()))?;
-            Ok::<_, prometheus::Error>(histogram)
+            let opts = HistogramOpts::new(name, help).buckets(buckets);
+            registered(&registry, HistogramVec::new(opts, labels)?)
         };
 
         let metrics = Metrics {
@@ -259,43 +256,38 @@ impl Metrics {
                 "kalive's version and the running kernel (value 1).",
                 &["version", "kernel"],
             )?,
-            collector_up: {
-                let gauge = IntGauge::new(
+            collector_up: registered(
+                &registry,
+                IntGauge::new(
                     "collector_up",
                     "1 while the programs are attached and the ring buffer is being drained.",
-                )?;
-                registry.register(Box::new(gauge.clone()))?;
-                gauge
-            },
-            scrape_duration: {
-                let gauge = Gauge::new(
+                )?,
+            )?,
+            scrape_duration: registered(
+                &registry,
+                Gauge::new(
                     "scrape_duration_seconds",
                     "Time this scrape took to collect the metrics.",
-                )?;
-                registry.register(Box::new(gauge.clone()))?;
-                gauge
-            },
-            series_in_use: {
-                let gauge = IntGauge::new(
+                )?,
+            )?,
+            series_in_use: registered(
+                &registry,
+                IntGauge::new(
                     "series",
                     "Label sets in use by the per-connection counters (at most kalive_series_limit).",
-                )?;
-                registry.register(Box::new(gauge.clone()))?;
-                gauge
-            },
-            series_limit: {
-                let gauge = IntGauge::new("series_limit", "The --max-series cap.")?;
-                registry.register(Box::new(gauge.clone()))?;
-                gauge
-            },
-            series_folded: {
-                let counter = IntCounter::new(
+                )?,
+            )?,
+            series_limit: registered(
+                &registry,
+                IntGauge::new("series_limit", "The --max-series cap.")?,
+            )?,
+            series_folded: registered(
+                &registry,
+                IntCounter::new(
                     "series_folded_total",
                     "Counts recorded under port=\"other\" because --max-series was reached.",
-                )?;
-                registry.register(Box::new(counter.clone()))?;
-                counter
-            },
+                )?,
+            )?,
             registry,
             series,
         };
@@ -313,9 +305,10 @@ impl Metrics {
         let (values, folded) = self.series.values(&tally.origin);
         if folded {
             self.series_folded.inc();
+        } else {
+            self.series_in_use
+                .set(i64::try_from(self.series.admitted.len()).unwrap_or(i64::MAX));
         }
-        self.series_in_use
-            .set(i64::try_from(self.series.admitted.len()).unwrap_or(i64::MAX));
         let labels: Vec<&str> = values.iter().map(String::as_str).collect();
         let with = |extra: &'static str| {
             let mut all = labels.clone();
@@ -450,6 +443,15 @@ impl Metrics {
             }
         }
     }
+}
+
+/// Registers `metric` in `registry` and hands it back.
+fn registered<M>(registry: &Registry, metric: M) -> Result<M, prometheus::Error>
+where
+    M: prometheus::core::Collector + Clone + 'static,
+{
+    registry.register(Box::new(metric.clone()))?;
+    Ok(metric)
 }
 
 /// Counts `value` in the first bucket whose bound it does not exceed, or the last (+Inf) one.
