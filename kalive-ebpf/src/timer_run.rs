@@ -33,7 +33,7 @@ pub fn begin(timer: u64) {
     let Some(run) = run_in_progress() else {
         return;
     };
-    let sock = timer.wrapping_sub(u64::from(sock_field!(sk_timer).offset));
+    let sock = timer.wrapping_sub(u64::from(sock_field!(keepalive_timer).offset));
     let before = TimerRun {
         sock,
         timer,
