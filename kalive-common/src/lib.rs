@@ -63,7 +63,9 @@ impl Field {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SockLayout {
-    pub sk_timer: Field,
+    /// The timer tcp_keepalive_timer is called with: `inet_connection_sock.icsk_keepalive_timer`
+    /// where the kernel has it (Debian's 6.1, 6.12 and 7.x), else `sock.sk_timer`.
+    pub keepalive_timer: Field,
     pub family: Field,
     pub state: Field,
     pub local_port: Field,

@@ -190,6 +190,7 @@ fn run_mode(runtime: &tokio::runtime::Runtime, mode: HookMode) {
         hook_mode: mode,
         history_limit: 10_000,
         log_probes: false,
+        series: Default::default(),
     };
     let started = {
         let _guard = runtime.enter();
@@ -255,7 +256,7 @@ fn run_mode(runtime: &tokio::runtime::Runtime, mode: HookMode) {
         let diagnosis = format!(
             "diag mode={mode} live={} ended={} namespaces={} decode_errors={} kernel_drops={:?}",
             state.table.connections().count(),
-            state.table.history().count(),
+            state.table.ended().count(),
             state.table.all_totals().len(),
             state.stats.decode_errors,
             state.stats.kernel_drops,

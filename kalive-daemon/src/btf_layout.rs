@@ -141,6 +141,18 @@ impl KernelTypes {
         }))
     }
 
+    /// The timer that tcp_keepalive_timer receives. Kernels with a dedicated
+    /// `inet_connection_sock.icsk_keepalive_timer` (a union with MPTCP's timeout timer; measured
+    /// on Debian's 6.1.0-56, 6.12.117 and 7.2.13 kernels) arm that one, and `sock.sk_timer` is
+    /// not the keepalive timer there; older kernels (and 6.18.44 here) use `sock.sk_timer`.
+    fn keepalive_timer(&self) -> Result<Field, BtfError> {
+        match self.field("inet_connection_sock", "icsk_keepalive_timer") {
+            Ok(field) => Ok(field),
+            Err(BtfError::MemberMissing { .. }) => self.field("sock", "sk_timer"),
+            Err(err) => Err(err),
+        }
+    }
+
     /// All values of a C enum, by value.
     pub fn enum_values(&self, enum_name: &str) -> BTreeMap<u32, String> {
         let mut values = BTreeMap::new();
@@ -173,7 +185,7 @@ impl KernelTypes {
     /// within those are offsets from the socket's address.
     pub fn sock_layout(&self) -> Result<SockLayout, BtfError> {
         Ok(SockLayout {
-            sk_timer: self.field("sock", "sk_timer")?,
+            keepalive_timer: self.keepalive_timer()?,
             family: self.int_field("sock", "__sk_common.skc_family")?,
             state: self.int_field("sock", "__sk_common.skc_state")?,
             local_port: self.int_field("sock", "__sk_common.skc_num")?,

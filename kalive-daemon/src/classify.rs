@@ -36,6 +36,11 @@ impl PeerState {
         }
     }
 
+    /// True for the outcomes of a keepalive timeout (the timer gave up on the peer).
+    pub fn is_keepalive_timeout(&self) -> bool {
+        matches!(self, PeerState::Dead | PeerState::Unreachable)
+    }
+
     /// True for the states a connection ends in.
     pub fn is_final(&self) -> bool {
         !matches!(self, PeerState::Alive | PeerState::Probing { .. })

@@ -1,8 +1,14 @@
 //! The command line.
 
+use std::{net::SocketAddr, path::PathBuf};
+
 use clap::{Parser, Subcommand};
 
-use crate::loader::HookMode;
+use crate::{
+    http::DEFAULT_LISTEN,
+    loader::HookMode,
+    metrics::{ExtraLabel, DEFAULT_MAX_SERIES},
+};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -19,6 +25,8 @@ pub struct Cli {
 pub enum Command {
     /// Load the kernel programs and watch keepalive on every connection of this host.
     Run(RunArgs),
+    /// Live view of a running daemon: connections, probes and outcomes as they happen.
+    Top(TopArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -34,4 +42,85 @@ pub struct RunArgs {
     /// Do not log each probe (outcomes are always logged).
     #[arg(long)]
     pub quiet_probes: bool,
+
+    /// Address and port of the HTTP server (/metrics, /api/v1/..., /healthz). Port 0 picks a free
+    /// port (logged at start).
+    #[arg(long, default_value = DEFAULT_LISTEN)]
+    pub listen: SocketAddr,
+
+    /// TLS and basic auth settings, in the Prometheus exporter-toolkit web-config format.
+    #[arg(long = "web.config.file", value_name = "FILE")]
+    pub web_config_file: Option<PathBuf>,
+
+    /// Labels to add to the per-connection counters beyond direction and port (comma-separated).
+    #[arg(long, value_enum, value_delimiter = ',')]
+    pub labels: Vec<ExtraLabel>,
+
+    /// Most label sets the per-connection counters may have; more are folded into port="other".
+    #[arg(long, default_value_t = DEFAULT_MAX_SERIES as u32, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub max_series: u32,
+}
+
+/// `kalive-daemon top`: reads a running daemon's API (no root needed), or runs the collector
+/// in-process with `--standalone` (root).
+#[derive(Debug, clap::Args)]
+pub struct TopArgs {
+    /// The daemon's address: http://HOST:PORT (plain HTTP).
+    #[arg(long, default_value_t = format!("http://{DEFAULT_LISTEN}"))]
+    pub endpoint: String,
+
+    /// Seconds between refreshes.
+    #[arg(long, default_value_t = 1.0, value_parser = parse_interval)]
+    pub interval: f64,
+
+    /// No daemon: load the kernel programs and run the collector in this process (needs root).
+    #[arg(long)]
+    pub standalone: bool,
+
+    /// With --standalone: how to hook tcp_keepalive_timer.
+    #[arg(long, value_enum, default_value_t = HookMode::Auto, requires = "standalone")]
+    pub hook_mode: HookMode,
+
+    /// Print one snapshot as plain text and exit (for scripts and without a terminal).
+    #[arg(long)]
+    pub once: bool,
+
+    /// Print one snapshot as JSON and exit.
+    #[arg(long, conflicts_with = "once")]
+    pub json: bool,
+
+    /// Show only matching connections: port:N, addr:TEXT, state:NAME, netns:N, or a bare port,
+    /// address or state; terms separated by spaces must all match, values separated by commas
+    /// are alternatives. Same syntax as the `/` key.
+    #[arg(long, default_value = "")]
+    pub filter: String,
+
+    /// The column to sort by at start (the `<` `>` keys change it).
+    #[arg(long, value_enum, default_value_t = crate::top::app::Column::State)]
+    pub sort: crate::top::app::Column,
+
+    /// Seconds a connection that ended stays in the table, with its outcome.
+    #[arg(long, default_value_t = 60.0, value_parser = parse_linger)]
+    pub linger: f64,
+
+    /// User name for a daemon with basic auth; the password is read from KALIVE_PASSWORD.
+    #[arg(long)]
+    pub user: Option<String>,
+}
+
+fn parse_seconds(text: &str, min: f64, max: f64) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(seconds) if (min..=max).contains(&seconds) => Ok(seconds),
+        _ => Err(format!(
+            "{text:?} is not a number of seconds from {min} to {max}"
+        )),
+    }
+}
+
+fn parse_interval(text: &str) -> Result<f64, String> {
+    parse_seconds(text, 0.1, 3600.0)
+}
+
+fn parse_linger(text: &str) -> Result<f64, String> {
+    parse_seconds(text, 0.0, 86_400.0)
 }

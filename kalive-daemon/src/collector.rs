@@ -8,19 +8,53 @@ use std::{
 };
 
 use aya::{
-    maps::{MapData, PerCpuArray, RingBuf},
+    maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf},
     Ebpf,
 };
-use kalive_common::{drop_reason, names};
+use kalive_common::{drop_reason, limits, names, ConnState};
 use tokio::{io::unix::AsyncFd, task::JoinHandle};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
     event::decode,
     loader::{load_and_attach, HookMode, LoadError},
+    metrics::{Metrics, SeriesOptions},
     report::log_notice,
     table::{ConnectionTable, Notice},
 };
+
+/// How often the kernel's drop counters are read (also the drain loop's longest sleep).
+const DROP_POLL: Duration = Duration::from_secs(1);
+/// How often the kernel's connections map is counted (one syscall per entry).
+const MAP_COUNT_POLL: Duration = Duration::from_secs(5);
+/// A drain loop silent for longer than this is reported unhealthy.
+const DRAIN_STALE_AFTER: Duration = Duration::from_secs(5);
+
+/// Whether the collector is doing its job, for /healthz and kalive_collector_up.
+#[derive(Clone, Debug)]
+pub struct Health {
+    /// When the drain loop last ran (it wakes at least every DROP_POLL).
+    pub last_drain: Instant,
+    /// Why the collector stopped, once it has.
+    pub stopped: Option<String>,
+}
+
+impl Health {
+    /// Ok with a summary, or Err with the reason the collector is unhealthy.
+    pub fn check(&self, now: Instant) -> Result<(), String> {
+        if let Some(reason) = &self.stopped {
+            return Err(format!("the collector stopped: {reason}"));
+        }
+        let silent = now.saturating_duration_since(self.last_drain);
+        if silent > DRAIN_STALE_AFTER {
+            return Err(format!(
+                "the ring buffer has not been drained for {:.1} s",
+                silent.as_secs_f64()
+            ));
+        }
+        Ok(())
+    }
+}
 
 /// Counters of the collector itself.
 #[derive(Clone, Debug, Default)]
@@ -30,16 +64,34 @@ pub struct CollectorStats {
     pub kernel_drops: [u64; drop_reason::COUNT as usize],
 }
 
-/// The table and the collector's counters, behind one lock.
+/// The table, the metrics and the collector's counters, behind one lock.
 pub struct State {
     pub table: ConnectionTable,
     pub stats: CollectorStats,
+    pub metrics: Metrics,
+    pub health: Health,
+    /// The hook mode in use.
+    pub mode: HookMode,
 }
 
 #[derive(Clone)]
 pub struct SharedState(Arc<Mutex<State>>);
 
 impl SharedState {
+    /// A state no kernel feeds: for the HTTP server's tests and benchmarks.
+    pub fn detached(table: ConnectionTable, metrics: Metrics, mode: HookMode) -> SharedState {
+        SharedState(Arc::new(Mutex::new(State {
+            table,
+            stats: CollectorStats::default(),
+            metrics,
+            health: Health {
+                last_drain: Instant::now(),
+                stopped: None,
+            },
+            mode,
+        })))
+    }
+
     /// The state; a panic while it was held does not make it unreadable.
     pub fn lock(&self) -> MutexGuard<'_, State> {
         self.0
@@ -62,6 +114,8 @@ pub enum CollectorError {
     },
     #[error("watching the ring buffer failed: {0}")]
     Poll(#[source] std::io::Error),
+    #[error("setting up the metrics failed: {0}")]
+    Metrics(#[from] prometheus::Error),
 }
 
 pub struct CollectorOptions {
@@ -69,6 +123,8 @@ pub struct CollectorOptions {
     pub history_limit: usize,
     /// Log every probe (outcomes are always logged).
     pub log_probes: bool,
+    /// Labels and the series cap of the per-connection counters.
+    pub series: SeriesOptions,
 }
 
 /// A running collector. Dropping it detaches the programs.
@@ -99,17 +155,37 @@ impl Collector {
                 name: names::MAP_DROPS,
                 source,
             })?;
+        let connections = take_map(&mut ebpf, names::MAP_CONNECTIONS)?;
+        let connections =
+            BpfHashMap::<MapData, u64, ConnState>::try_from(connections).map_err(|source| {
+                CollectorError::Map {
+                    name: names::MAP_CONNECTIONS,
+                    source,
+                }
+            })?;
+        let metrics = Metrics::new(options.series)?;
+        metrics.set_hook(loaded.mode.name(), &loaded.programs);
+        metrics.set_build(env!("CARGO_PKG_VERSION"), &kernel_release());
         let state = SharedState(Arc::new(Mutex::new(State {
             table: ConnectionTable::new(loaded.units, options.history_limit),
             stats: CollectorStats::default(),
+            metrics,
+            health: Health {
+                last_drain: Instant::now(),
+                stopped: None,
+            },
+            mode: loaded.mode,
         })));
         // SAFETY: the RingBuf owns its map fd, which stays open and unchanged until the AsyncFd
         // (and with it the RingBuf) is dropped.
         let ring = unsafe { AsyncFd::register(ring) }
             .map_err(|err| CollectorError::Poll(std::io::Error::from(err)))?;
-        let task = tokio::spawn(drain(
-            ring,
-            drops,
+        let task = tokio::spawn(drain_until_stopped(
+            Kernel {
+                ring,
+                drops,
+                connections,
+            },
             state.clone(),
             cancel,
             options.log_probes,
@@ -160,45 +236,95 @@ fn take_map(ebpf: &mut Ebpf, name: &'static str) -> Result<aya::maps::Map, Colle
     ebpf.take_map(name).ok_or(CollectorError::MissingMap(name))
 }
 
-async fn drain(
-    mut ring: AsyncFd<RingBuf<MapData>>,
+/// The kernel maps the drain loop reads.
+struct Kernel {
+    ring: AsyncFd<RingBuf<MapData>>,
     drops: PerCpuArray<MapData, u64>,
+    connections: BpfHashMap<MapData, u64, ConnState>,
+}
+
+/// Drains until cancelled or failed, and records why it stopped for /healthz.
+async fn drain_until_stopped(
+    kernel: Kernel,
     state: SharedState,
     cancel: CancellationToken,
     log_probes: bool,
 ) -> Result<(), CollectorError> {
-    log::debug!("draining ring buffer fd {}", ring.get_ref().as_raw_fd());
-    let mut drop_poll = tokio::time::interval(Duration::from_secs(1));
+    let result = drain(kernel, &state, cancel, log_probes).await;
+    state.lock().health.stopped = Some(match &result {
+        Ok(()) => "kalive-daemon is shutting down".to_owned(),
+        Err(err) => err.to_string(),
+    });
+    result
+}
+
+async fn drain(
+    mut kernel: Kernel,
+    state: &SharedState,
+    cancel: CancellationToken,
+    log_probes: bool,
+) -> Result<(), CollectorError> {
+    log::debug!(
+        "draining ring buffer fd {}",
+        kernel.ring.get_ref().as_raw_fd()
+    );
+    let mut drop_poll = tokio::time::interval(DROP_POLL);
+    let mut map_count_poll = tokio::time::interval(MAP_COUNT_POLL);
     loop {
         tokio::select! {
             () = cancel.cancelled() => {
-                drain_ready(ring.get_mut(), &state, log_probes);
+                drain_ready(kernel.ring.get_mut(), state, log_probes);
                 return Ok(());
             }
-            guard = ring.readable_mut() => {
+            guard = kernel.ring.readable_mut() => {
                 let mut guard = guard.map_err(CollectorError::Poll)?;
-                drain_ready(guard.get_inner_mut(), &state, log_probes);
+                drain_ready(guard.get_inner_mut(), state, log_probes);
                 guard.clear_ready();
             }
-            _ = drop_poll.tick() => read_drops(&drops, &state),
+            _ = drop_poll.tick() => read_drops(&kernel.drops, state),
+            _ = map_count_poll.tick() => count_connections(&kernel.connections, state),
         }
+        state.lock().health.last_drain = Instant::now();
     }
+}
+
+/// Counts the entries of the kernel's connections map (LRU: the kernel evicts the oldest when
+/// it is full, so a full map means connections are being forgotten).
+fn count_connections(connections: &BpfHashMap<MapData, u64, ConnState>, state: &SharedState) {
+    let entries = connections.keys().filter(Result::is_ok).count();
+    state.lock().metrics.set_map(
+        "kernel_connections",
+        entries,
+        limits::MAX_CONNECTIONS as usize,
+    );
+}
+
+/// The running kernel's release, as `uname -r` prints it.
+pub fn kernel_release() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|release| release.trim().to_owned())
+        .unwrap_or_else(|_| "unknown".to_owned())
 }
 
 fn drain_ready(ring: &mut RingBuf<MapData>, state: &SharedState, log_probes: bool) {
     let mut notices: Vec<Notice> = Vec::new();
     {
-        let mut state = state.lock();
+        let mut guard = state.lock();
+        let state = &mut *guard;
         while let Some(record) = ring.next() {
             match decode(&record) {
                 Ok(event) => notices.extend(state.table.apply(&event)),
                 Err(err) => {
                     state.stats.decode_errors += 1;
+                    state.metrics.add_lost("decode", 1);
                     if state.stats.decode_errors == 1 {
                         log::error!("{err}");
                     }
                 }
             }
+        }
+        for tally in state.table.take_tallies() {
+            state.metrics.record(&tally);
         }
     }
     for notice in &notices {
@@ -222,6 +348,7 @@ fn read_drops(drops: &PerCpuArray<MapData, u64>, state: &SharedState) {
                 new - old,
                 drop_name(reason as u32)
             );
+            state.metrics.add_lost(drop_name(reason as u32), new - old);
         }
     }
     state.stats.kernel_drops = totals;
@@ -235,5 +362,35 @@ pub fn drop_name(reason: u32) -> &'static str {
         drop_reason::READ_FAILED => "kernel_read_failed",
         drop_reason::RUN_MISMATCH => "timer_run_mismatch",
         _ => "other",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn health_names_why_it_is_unhealthy() {
+        let now = Instant::now();
+        let fresh = Health {
+            last_drain: now,
+            stopped: None,
+        };
+        assert_eq!(fresh.check(now + Duration::from_secs(1)), Ok(()));
+        let stale = fresh.check(now + DRAIN_STALE_AFTER + Duration::from_secs(2));
+        assert!(
+            stale
+                .as_ref()
+                .is_err_and(|reason| reason.contains("has not been drained for 7.0 s")),
+            "{stale:?}"
+        );
+        let stopped = Health {
+            stopped: Some("watching the ring buffer failed: EBADF".to_owned()),
+            ..fresh
+        };
+        assert_eq!(
+            stopped.check(now),
+            Err("the collector stopped: watching the ring buffer failed: EBADF".to_owned())
+        );
     }
 }

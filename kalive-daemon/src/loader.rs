@@ -40,6 +40,16 @@ impl HookMode {
             HookMode::Tracepoint => "tracepoint",
         }
     }
+
+    /// The programs that hook tcp_keepalive_timer in this mode.
+    pub fn timer_programs(&self) -> &'static [&'static str] {
+        match self {
+            HookMode::Auto => &[],
+            HookMode::Fentry => &[names::PROG_FENTRY_TIMER, names::PROG_FEXIT_TIMER],
+            HookMode::Kprobe => &[names::PROG_KPROBE_TIMER, names::PROG_KRETPROBE_TIMER],
+            HookMode::Tracepoint => &[names::PROG_TP_TIMER_ENTRY, names::PROG_TP_TIMER_EXIT],
+        }
+    }
 }
 
 impl fmt::Display for HookMode {
@@ -100,6 +110,8 @@ pub struct Loaded {
     /// Modes tried before `mode` and why each failed.
     pub rejected: Vec<(HookMode, String)>,
     pub units: KernelUnits,
+    /// Every program attached, by name.
+    pub programs: Vec<&'static str>,
 }
 
 /// The lifecycle tracepoints attached in every mode: (program, category, event).
@@ -126,6 +138,7 @@ pub fn load_and_attach(requested: HookMode) -> Result<Loaded, LoadError> {
     let units = KernelUnits {
         hz: kernel_hz()?,
         reset_reasons: types.reset_reasons(),
+        ephemeral_ports: crate::table::ephemeral_ports(),
     };
     let timer_fn = function_address(names::KEEPALIVE_TIMER_FUNCTION);
 
@@ -180,11 +193,17 @@ pub fn load_and_attach(requested: HookMode) -> Result<Loaded, LoadError> {
                     "hook mode {mode} attached to {}",
                     names::KEEPALIVE_TIMER_FUNCTION
                 );
+                let mut programs: Vec<&'static str> = LIFECYCLE_TRACEPOINTS
+                    .iter()
+                    .map(|(program, _, _)| *program)
+                    .collect();
+                programs.extend(mode.timer_programs());
                 return Ok(Loaded {
                     ebpf,
                     mode,
                     rejected,
                     units,
+                    programs,
                 });
             }
             Err(reason) => rejected.push((mode, reason)),

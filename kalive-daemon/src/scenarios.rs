@@ -664,7 +664,7 @@ pub async fn verify(
 /// Ended connections of one namespace, oldest first.
 fn ended_in(table: &ConnectionTable, netns: u32) -> Vec<EndedConnection> {
     let mut ended: Vec<_> = table
-        .history()
+        .ended()
         .filter(|e| e.connection.netns == netns)
         .cloned()
         .collect();

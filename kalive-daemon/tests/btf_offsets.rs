@@ -1,6 +1,8 @@
-//! Offset resolution against a stored BTF blob (Linux 6.18.44, /sys/kernel/btf/vmlinux, gzipped).
-//! The expected numbers were read from the same blob with pahole (dwarves 1.24):
-//! `pahole -C sock_common|sock|inet_connection_sock|tcp_sock|net|netns_ipv4|ns_common|sock_flags`.
+//! Offset resolution against stored BTF blobs (gzipped): Linux 6.18.44 (/sys/kernel/btf/vmlinux of
+//! this machine) and Debian 12's 6.1.0-56-cloud-amd64 (the .BTF section of its vmlinuz, extracted
+//! with `objcopy -O binary --only-section=.BTF`). The expected numbers were read from the same
+//! blobs with pahole (dwarves 1.24):
+//! `pahole -F btf -C sock_common|sock|inet_connection_sock|tcp_sock|net|netns_ipv4|ns_common <blob>`.
 
 use std::io::Read as _;
 
@@ -8,9 +10,12 @@ use kalive_common::Field;
 use kalive_daemon::btf_layout::{BtfError, KernelTypes};
 
 fn stored_kernel() -> KernelTypes {
-    let compressed = include_bytes!("data/vmlinux-6.18.44.btf.gz");
+    parse_gzipped(include_bytes!("data/vmlinux-6.18.44.btf.gz"))
+}
+
+fn parse_gzipped(compressed: &[u8]) -> KernelTypes {
     let mut bytes = Vec::new();
-    flate2::read::GzDecoder::new(&compressed[..])
+    flate2::read::GzDecoder::new(compressed)
         .read_to_end(&mut bytes)
         .expect("decompress the stored BTF");
     KernelTypes::from_bytes(&bytes).expect("parse the stored BTF")
@@ -38,7 +43,8 @@ fn sock_layout_matches_pahole() {
     // struct sock
     assert_eq!(layout.sk_err, field(284, 4));
     assert_eq!(layout.lock_owned, field(320 + 4, 4));
-    assert_eq!(layout.sk_timer, field(448, 40));
+    // No icsk_keepalive_timer on this kernel: the keepalive timer is sock.sk_timer.
+    assert_eq!(layout.keepalive_timer, field(448, 40));
     // struct inet_connection_sock
     assert_eq!(layout.probes_out, field(1253, 1));
     assert_eq!(layout.ack_lrcvtime, field(1264, 4));
@@ -56,6 +62,34 @@ fn sock_layout_matches_pahole() {
     assert_eq!(layout.net_keepalive_probes, field(768 + 572, 1));
     // enum sock_flags
     assert_eq!(layout.keepopen_bit, 3);
+}
+
+/// Debian's 6.1 kernel keeps the keepalive timer in `inet_connection_sock.icsk_keepalive_timer`
+/// (pahole: offset 1176), not in `sock.sk_timer` (408): taking sk_timer there made every socket
+/// read as zeros in the VM test.
+#[test]
+fn debian_6_1_keepalive_timer_is_the_icsk_one() {
+    let kernel = parse_gzipped(include_bytes!("data/vmlinux-6.1.0-56-cloud-amd64.btf.gz"));
+    let layout = kernel.sock_layout().expect("layout");
+    assert_eq!(layout.keepalive_timer, field(1176, 40));
+    assert_eq!(
+        kernel.field("sock", "sk_timer").expect("sk_timer"),
+        field(408, 40)
+    );
+    // skc_flags sits in sock_common at 96; there is no sock.sk_flags member on 6.1.
+    assert_eq!(layout.sk_flags, field(96, 8));
+    assert_eq!(layout.state, field(18, 1));
+    assert_eq!(layout.probes_out, field(1285, 1));
+    assert_eq!(layout.ack_lrcvtime, field(1304, 4));
+    assert_eq!(layout.user_timeout, field(1332, 4));
+    assert_eq!(layout.rcv_tstamp, field(1516, 4));
+    assert_eq!(layout.packets_out, field(1716, 4));
+    assert_eq!(layout.keepalive_probes, field(1735, 1));
+    assert_eq!(layout.keepalive_time, field(2152, 4));
+    assert_eq!(layout.keepalive_intvl, field(2156, 4));
+    assert_eq!(layout.keepopen_bit, 3);
+    // Linux 6.1 has no enum sk_rst_reason (added in 6.10).
+    assert!(kernel.reset_reasons().is_empty());
 }
 
 #[test]

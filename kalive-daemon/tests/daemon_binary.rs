@@ -3,61 +3,17 @@
 
 mod support;
 
-use std::{
-    io::{BufRead as _, BufReader},
-    process::{Child, Command, Stdio},
-    sync::mpsc,
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
 use support::*;
-
-struct KillOnDrop(Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        // SAFETY: signalling our own child process.
-        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
-        let _ = self.0.wait();
-    }
-}
 
 #[test]
 fn daemon_prints_probes_and_dead_outcome_in_time() {
     if !privileged("daemon_prints_probes_and_dead_outcome_in_time") {
         return;
     }
-    let mut child = Command::new(env!("CARGO_BIN_EXE_kalive-daemon"))
-        .arg("run")
-        .env("RUST_LOG", "info")
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start kalive-daemon");
-    let stderr = child.stderr.take().expect("daemon stderr");
-    let daemon = KillOnDrop(child);
-    // Each line is stamped when it arrives: the daemon writes it as the kernel reports.
-    let (lines_tx, lines) = mpsc::channel::<(Instant, String)>();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if lines_tx.send((Instant::now(), line)).is_err() {
-                break;
-            }
-        }
-    });
-    let started = Instant::now();
-    loop {
-        let (_, line) = lines
-            .recv_timeout(Duration::from_secs(30))
-            .expect("daemon did not start");
-        if line.contains("kalive-daemon running") {
-            break;
-        }
-        assert!(!line.starts_with("error:"), "daemon failed: {line}");
-        assert!(
-            started.elapsed() < Duration::from_secs(30),
-            "daemon did not start"
-        );
-    }
+    let daemon = DaemonProcess::start(&[]);
+    let lines = &daemon.lines;
 
     let settings = Keepalive {
         idle_s: 1,

@@ -14,7 +14,7 @@ const ZERO_FIELD: Field = Field { offset: 0, size: 0 };
 /// Offsets of `struct sock` members; set by user space (EbpfLoader::set_global).
 #[unsafe(no_mangle)]
 pub static SOCK_LAYOUT: SockLayout = SockLayout {
-    sk_timer: ZERO_FIELD,
+    keepalive_timer: ZERO_FIELD,
     family: ZERO_FIELD,
     state: ZERO_FIELD,
     local_port: ZERO_FIELD,

@@ -33,7 +33,7 @@ pub fn begin(timer: u64) {
     let Some(run) = run_in_progress() else {
         return;
     };
-    let sock = timer.wrapping_sub(u64::from(sock_field!(sk_timer).offset));
+    let sock = timer.wrapping_sub(u64::from(sock_field!(keepalive_timer).offset));
     let before = TimerRun {
         sock,
         timer,
@@ -129,6 +129,14 @@ fn record(run: &TimerRun) {
         conn.awaiting_answer = 0;
         flags |= event_flag::PREVIOUS_PROBE_ANSWERED;
     }
+    // A run these programs did not see (the kernel skips a tracing program that would run inside
+    // another BPF program on the same CPU) still raised icsk_probes_out: count its probes now. An
+    // answer in between lowers icsk_probes_out, so this can miss a probe but never invents one.
+    let missed_probes = match entry {
+        Some(_) if was_connected => run.probes_out_before.saturating_sub(conn.probes_out),
+        _ => 0,
+    };
+    conn.probes_sent += u64::from(missed_probes);
     if probe_sent {
         conn.probes_sent += 1;
         conn.last_probe_ns = now_ns;
@@ -186,7 +194,7 @@ fn record(run: &TimerRun) {
         | event_flag::SEND_FAILED
         | event_flag::CLOSED_IN_RUN
         | event_flag::RESET_IN_RUN;
-    if event.flags & interesting == 0 {
+    if event.flags & interesting == 0 && missed_probes == 0 {
         return;
     }
     event.kind = event_kind::TIMER_RUN;

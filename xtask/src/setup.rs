@@ -13,11 +13,19 @@ use crate::{is_root, probe, run_checked};
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// Debian packages the privileged integration tests and vm-test (QEMU, cpio) use.
-const APT_PACKAGES: [&str; 6] = [
+// prometheus provides promtool and the server the metrics tests scrape with; curl and openssl
+// are the independent HTTPS client and certificate maker of the web-config test; tmux runs
+// `kalive-daemon top` in a real terminal for its end-to-end test; qemu-system-x86 boots the
+// vm-test kernels and cpio packs their initramfs.
+const APT_PACKAGES: [&str; 10] = [
     "nftables",
     "iproute2",
     "tcpdump",
     "procps",
+    "prometheus",
+    "curl",
+    "openssl",
+    "tmux",
     "qemu-system-x86",
     "cpio",
 ];

@@ -6,6 +6,9 @@
     reason = "each test binary uses a different part of the support module"
 )]
 
+pub mod server;
+pub mod synthetic;
+
 use std::{
     collections::BTreeMap,
     fs::File,
@@ -113,7 +116,7 @@ impl Drop for Netns {
     }
 }
 
-// The socket and counter helpers are the shared scenarios' own (`kalive_daemon::scenarios`);
+// The socket and TcpExt helpers are the shared scenarios' own (`kalive_daemon::scenarios`);
 // here a failure fails the test.
 
 fn or_panic<T>(result: Result<T, String>) -> T {
@@ -123,6 +126,27 @@ fn or_panic<T>(result: Result<T, String>) -> T {
 /// The calling thread's network namespace's TcpExt counters (/proc/net/netstat).
 pub fn tcp_ext() -> BTreeMap<String, u64> {
     or_panic(scenarios::tcp_ext())
+}
+
+/// The calling thread's network namespace's Tcp counters (/proc/net/snmp: OutRsts, ...).
+pub fn tcp_snmp() -> BTreeMap<String, u64> {
+    proc_net_counters("snmp", "Tcp:")
+}
+
+/// A /proc/net file's pair of lines (names, values) starting with `prefix`, as a map.
+fn proc_net_counters(file: &str, prefix: &str) -> BTreeMap<String, u64> {
+    let path = format!("/proc/thread-self/net/{file}");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|err| panic!("read {path}: {err}"));
+    let mut lines = text.lines().filter(|line| line.starts_with(prefix));
+    let (Some(names), Some(values)) = (lines.next(), lines.next()) else {
+        panic!("no {prefix} lines in {path}");
+    };
+    names
+        .split_whitespace()
+        .zip(values.split_whitespace())
+        .skip(1)
+        .filter_map(|(name, value)| Some((name.to_owned(), value.parse().ok()?)))
+        .collect()
 }
 
 pub fn delta(before: &BTreeMap<String, u64>, after: &BTreeMap<String, u64>) -> KernelDelta {
@@ -146,6 +170,11 @@ pub fn listen(address: &str) -> TcpListener {
 /// Drops everything this socket receives: its peer's ACKs never arrive, as if it had died.
 pub fn drop_all_inbound(stream: &TcpStream) {
     or_panic(scenarios::drop_all_inbound(stream));
+}
+
+/// Removes the filter of `drop_all_inbound`: the peer's packets arrive again.
+pub fn detach_filter(stream: &TcpStream) {
+    or_panic(scenarios::detach_filter(stream));
 }
 
 /// Closes with SO_LINGER 0: the kernel sends an RST and forgets the connection.
@@ -183,6 +212,7 @@ impl Kalive {
             hook_mode: mode,
             history_limit: 100_000,
             log_probes: false,
+            series: Default::default(),
         };
         let collector = {
             let _guard = runtime.enter();
@@ -221,7 +251,7 @@ impl Kalive {
         let state = self.collector().state.lock();
         let mut ended: Vec<_> = state
             .table
-            .history()
+            .ended()
             .filter(|e| e.connection.netns == netns)
             .cloned()
             .collect();
@@ -244,7 +274,7 @@ impl Kalive {
         self.wait_for(timeout, |state| {
             state
                 .table
-                .history()
+                .ended()
                 .filter(|e| e.connection.netns == netns)
                 .count()
                 >= count
@@ -289,4 +319,132 @@ pub fn raise_fd_limit(wanted: u64) {
 
 pub fn addr(text: &str) -> SocketAddr {
     text.parse().expect("socket address")
+}
+
+/// True when `program` can be run. When it cannot: a failure with CI=true, else a skip with a
+/// printed reason.
+pub fn tool(test: &str, program: &str) -> bool {
+    let found = Command::new(program)
+        .arg("--version")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok();
+    if found {
+        return true;
+    }
+    let reason = format!("needs `{program}` (installed by `cargo xtask setup`)");
+    if std::env::var("CI").is_ok_and(|value| value == "true") {
+        panic!("{test} {reason}, and CI=true");
+    }
+    eprintln!("skipping {test}: {reason}");
+    false
+}
+
+/// The real `kalive-daemon run` binary, started with `args` after `run --listen 127.0.0.1:0`,
+/// stopped with SIGTERM on drop. Its log lines arrive on `lines`, stamped on arrival.
+pub struct DaemonProcess {
+    _child: KillOnDrop,
+    pub lines: std::sync::mpsc::Receiver<(std::time::Instant, String)>,
+    /// Where its HTTP server listens.
+    pub http: SocketAddr,
+}
+
+impl DaemonProcess {
+    pub fn start(args: &[&str]) -> DaemonProcess {
+        use std::io::BufRead as _;
+        let mut child = Command::new(env!("CARGO_BIN_EXE_kalive-daemon"))
+            .args(["run", "--listen", "127.0.0.1:0"])
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("start kalive-daemon");
+        let stderr = child.stderr.take().expect("daemon stderr");
+        let (lines_tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stderr)
+                .lines()
+                .map_while(Result::ok)
+            {
+                if lines_tx.send((std::time::Instant::now(), line)).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut daemon = DaemonProcess {
+            _child: KillOnDrop(child),
+            lines,
+            http: addr("0.0.0.0:0"),
+        };
+        loop {
+            let (_, line) = daemon
+                .lines
+                .recv_timeout(Duration::from_secs(30))
+                .expect("kalive-daemon did not start within 30 s");
+            assert!(!line.starts_with("error:"), "kalive-daemon failed: {line}");
+            // "serving http://127.0.0.1:PORT/metrics, ..."
+            if let Some(rest) = line.split("serving http://").nth(1) {
+                let address = rest.split('/').next().unwrap_or_default();
+                daemon.http = address.parse().expect("the daemon's HTTP address");
+                return daemon;
+            }
+        }
+    }
+
+    /// GET `path` from the daemon's HTTP server: (status, body).
+    pub fn get(&self, path: &str) -> (u16, String) {
+        let url = format!("http://{}{path}", self.http);
+        match ureq::get(&url)
+            .config()
+            .http_status_as_error(false)
+            .build()
+            .call()
+        {
+            Ok(mut response) => (
+                response.status().as_u16(),
+                response.body_mut().read_to_string().expect("body"),
+            ),
+            Err(err) => panic!("GET {url}: {err}"),
+        }
+    }
+}
+
+/// `promtool check metrics` on an exposition: it must pass without a single warning.
+pub fn promtool_check(exposition: &str) {
+    use std::io::Write as _;
+    let mut promtool = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run promtool (install it: `cargo xtask setup`)");
+    promtool
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(exposition.as_bytes())
+        .expect("feed promtool");
+    let output = promtool.wait_with_output().expect("promtool");
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        output.status.success() && said.trim().is_empty(),
+        "promtool refused or warned about the exposition: {said}"
+    );
+}
+
+/// A child process (the daemon binary) stopped with SIGTERM and reaped on drop.
+pub struct KillOnDrop(pub std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        // SAFETY: signalling our own child process.
+        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
+        let _ = self.0.wait();
+    }
 }
