@@ -26,7 +26,6 @@ const APT_PACKAGES: [&str; 8] = [
     "openssl",
     "tmux",
 ];
-const TRACEFS: &str = "/sys/kernel/tracing";
 const RUSTUP_HINT: &str = "check that rustup works and the network is reachable";
 const REINSTALL_NIGHTLY: &str = "reinstall it with `rustup toolchain install nightly --force`";
 
@@ -36,8 +35,7 @@ pub fn setup() -> Result<()> {
     let sysroot = nightly_sysroot()?;
     rust_src(&sysroot)?;
     bpf_linker(&sysroot)?;
-    apt_packages()?;
-    tracefs()
+    apt_packages()
 }
 
 fn rustup<const N: usize>(args: [&str; N]) -> Command {
@@ -212,26 +210,4 @@ fn apt_packages() -> Result<()> {
             .args(&missing),
     )
     .with_context(|| format!("installing {list} failed: read apt's errors above"))
-}
-
-fn tracefs() -> Result<()> {
-    if Path::new(TRACEFS).join("events").exists() {
-        println!("ok: tracefs mounted at {TRACEFS}");
-        return Ok(());
-    }
-    if !is_root() {
-        println!(
-            "note: tracefs is not mounted at {TRACEFS} (the tracepoint hooks need it); \
-             rerun `cargo xtask setup` as root to mount it"
-        );
-        return Ok(());
-    }
-    println!("installing: tracefs at {TRACEFS}");
-    run_checked(Command::new("mount").args(["-t", "tracefs", "tracefs", TRACEFS])).with_context(
-        || {
-            format!(
-                "mounting tracefs failed: check that {TRACEFS} exists and the kernel has tracefs"
-            )
-        },
-    )
 }
