@@ -19,6 +19,7 @@ pub mod hz;
 pub mod kallsyms;
 pub mod loader;
 pub mod metrics;
+pub mod program_stats;
 pub mod report;
 pub mod table;
 pub mod top;

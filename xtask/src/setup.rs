@@ -15,8 +15,9 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 /// Debian packages the privileged integration tests use.
 // prometheus provides promtool and the server the metrics tests scrape with; curl and openssl
 // are the independent HTTPS client and certificate maker of the web-config test; tmux runs
-// `kalive-daemon top` in a real terminal for its end-to-end test.
-const APT_PACKAGES: [&str; 8] = [
+// `kalive-daemon top` in a real terminal for its end-to-end test; bpftool reads the kernel's
+// recursion_misses of kalive's programs for the churn test.
+const APT_PACKAGES: [&str; 9] = [
     "nftables",
     "iproute2",
     "tcpdump",
@@ -25,6 +26,7 @@ const APT_PACKAGES: [&str; 8] = [
     "curl",
     "openssl",
     "tmux",
+    "bpftool",
 ];
 const RUSTUP_HINT: &str = "check that rustup works and the network is reachable";
 const REINSTALL_NIGHTLY: &str = "reinstall it with `rustup toolchain install nightly --force`";
