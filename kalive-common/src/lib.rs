@@ -12,7 +12,6 @@ pub mod names {
     pub const MAP_TIMER_RUNS: &str = "TIMER_RUNS";
 
     pub const GLOBAL_SOCK_LAYOUT: &str = "SOCK_LAYOUT";
-    pub const GLOBAL_TRACEPOINT_LAYOUT: &str = "TRACEPOINT_LAYOUT";
     pub const GLOBAL_KEEPALIVE_TIMER_FN: &str = "KEEPALIVE_TIMER_FN";
 
     /// The kernel function whose runs are the keepalive timer.
@@ -24,6 +23,8 @@ pub mod names {
     pub const PROG_KRETPROBE_TIMER: &str = "kretprobe_tcp_keepalive_timer";
     pub const PROG_TP_TIMER_ENTRY: &str = "timer_expire_entry";
     pub const PROG_TP_TIMER_EXIT: &str = "timer_expire_exit";
+    /// tcp_send_reset with its `reason` argument (Linux 6.10 and later), and without it.
+    pub const PROG_TP_SEND_RESET_WITH_REASON: &str = "tcp_send_reset_with_reason";
     pub const PROG_TP_SEND_RESET: &str = "tcp_send_reset";
     pub const PROG_TP_RECEIVE_RESET: &str = "tcp_receive_reset";
     pub const PROG_TP_ERROR_REPORT: &str = "inet_sk_error_report";
@@ -59,7 +60,8 @@ impl Field {
 
 /// Offsets into `struct sock` and friends, all relative to the start of `struct sock`
 /// (every TCP socket is a `tcp_sock`, which begins with `inet_connection_sock`, `inet_sock`, `sock`),
-/// except the `net_*` fields, which are relative to `struct net`.
+/// except the `net_*` fields, which are relative to `struct net`, and `timer_function`, which is
+/// relative to `struct timer_list`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SockLayout {
@@ -77,6 +79,8 @@ pub struct SockLayout {
     pub net: Field,
     pub sk_flags: Field,
     pub sk_err: Field,
+    /// sock.sk_protocol: the lifecycle tracepoints fire for other protocols too.
+    pub sk_protocol: Field,
     pub probes_out: Field,
     pub user_timeout: Field,
     pub keepalive_time: Field,
@@ -92,35 +96,12 @@ pub struct SockLayout {
     pub net_keepalive_time: Field,
     pub net_keepalive_intvl: Field,
     pub net_keepalive_probes: Field,
+    /// timer_list.function: the tracepoint mode keeps the timers whose function is
+    /// tcp_keepalive_timer.
+    pub timer_function: Field,
     /// Bit number of SOCK_KEEPOPEN in `sk_flags` (enum sock_flags).
     pub keepopen_bit: u32,
     pub _pad: u32,
-}
-
-/// Offsets of the fields the programs read in each tracepoint's record, from the format files.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct TracepointLayout {
-    pub timer_entry_timer: Field,
-    pub timer_entry_function: Field,
-    pub timer_exit_timer: Field,
-    pub send_reset_skaddr: Field,
-    /// Absent before Linux 6.10 (no `reason` field).
-    pub send_reset_reason: Field,
-    pub receive_reset_skaddr: Field,
-    pub error_report_error: Field,
-    pub error_report_protocol: Field,
-    pub error_report_family: Field,
-    pub error_report_sport: Field,
-    pub error_report_dport: Field,
-    pub error_report_saddr: Field,
-    pub error_report_daddr: Field,
-    pub error_report_saddr_v6: Field,
-    pub error_report_daddr_v6: Field,
-    pub set_state_skaddr: Field,
-    pub set_state_newstate: Field,
-    pub set_state_protocol: Field,
-    pub destroy_sock_skaddr: Field,
 }
 
 /// Kernel TCP states (include/net/tcp_states.h), stable ABI.
@@ -276,8 +257,7 @@ pub struct TimerRun {
 const _: () = assert!(core::mem::size_of::<Field>() == 8);
 const _: () = assert!(core::mem::size_of::<ConnState>() == 136);
 const _: () = assert!(core::mem::size_of::<Event>() == 40 + 136);
-const _: () = assert!(core::mem::size_of::<SockLayout>() == 25 * 8 + 8);
-const _: () = assert!(core::mem::size_of::<TracepointLayout>() == 19 * 8);
+const _: () = assert!(core::mem::size_of::<SockLayout>() == 27 * 8 + 8);
 const _: () = assert!(core::mem::size_of::<TimerRun>() == 56);
 
 #[cfg(feature = "user")]
@@ -288,7 +268,6 @@ mod user {
     // (their sizes are asserted above).
     unsafe impl aya::Pod for Field {}
     unsafe impl aya::Pod for SockLayout {}
-    unsafe impl aya::Pod for TracepointLayout {}
     unsafe impl aya::Pod for ConnState {}
     unsafe impl aya::Pod for Event {}
     unsafe impl aya::Pod for TimerRun {}

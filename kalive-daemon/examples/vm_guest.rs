@@ -103,7 +103,6 @@ fn mount_all() -> Result<(), String> {
     mount("proc", "/proc", "proc")?;
     mount("sysfs", "/sys", "sysfs")?;
     mount("devtmpfs", "/dev", "devtmpfs")?;
-    mount("tracefs", "/sys/kernel/tracing", "tracefs")?;
     mount("bpf", "/sys/fs/bpf", "bpf")?;
     let unlimited = libc::rlimit {
         rlim_cur: libc::RLIM_INFINITY,

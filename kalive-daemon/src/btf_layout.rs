@@ -153,6 +153,24 @@ impl KernelTypes {
         }
     }
 
+    /// How many arguments the tracepoint `name` passes to a raw tracepoint program (its TP_PROTO
+    /// parameters), from the `btf_trace_<name>` typedef: a pointer to a function prototype whose
+    /// first parameter is the probe's own data pointer. None when the kernel has no such
+    /// tracepoint.
+    pub fn tracepoint_arguments(&self, name: &str) -> Option<usize> {
+        let typedef = self.types.id_of(&format!("btf_trace_{name}"))?;
+        let TypeVariant::Typedef(typedef) = self.types.from_id(typedef)? else {
+            return None;
+        };
+        let TypeVariant::Ptr(pointer) = self.types.from_id(*typedef.tid())? else {
+            return None;
+        };
+        let TypeVariant::FuncProto(prototype) = self.types.from_id(*pointer.tid())? else {
+            return None;
+        };
+        prototype.parameter_list().len().checked_sub(1)
+    }
+
     /// All values of a C enum, by value.
     pub fn enum_values(&self, enum_name: &str) -> BTreeMap<u32, String> {
         let mut values = BTreeMap::new();
@@ -197,6 +215,7 @@ impl KernelTypes {
             net: self.field("sock", "__sk_common.skc_net")?,
             sk_flags: self.int_field_any("sock", &["sk_flags", "__sk_common.skc_flags"])?,
             sk_err: self.int_field("sock", "sk_err")?,
+            sk_protocol: self.int_field("sock", "sk_protocol")?,
             lock_owned: self.int_field("sock", "sk_lock.owned")?,
             probes_out: self.int_field("inet_connection_sock", "icsk_probes_out")?,
             user_timeout: self.int_field("inet_connection_sock", "icsk_user_timeout")?,
@@ -210,6 +229,7 @@ impl KernelTypes {
             net_keepalive_time: self.int_field("net", "ipv4.sysctl_tcp_keepalive_time")?,
             net_keepalive_intvl: self.int_field("net", "ipv4.sysctl_tcp_keepalive_intvl")?,
             net_keepalive_probes: self.int_field("net", "ipv4.sysctl_tcp_keepalive_probes")?,
+            timer_function: self.int_field("timer_list", "function")?,
             keepopen_bit: self.enum_value("sock_flags", "SOCK_KEEPOPEN")?,
             _pad: 0,
         })

@@ -19,6 +19,7 @@ use crate::{
     event::decode,
     loader::{load_and_attach, HookMode, LoadError},
     metrics::{Metrics, SeriesOptions},
+    program_stats::ProgramHandles,
     report::log_notice,
     table::{ConnectionTable, Notice},
 };
@@ -62,6 +63,10 @@ pub struct CollectorStats {
     pub decode_errors: u64,
     /// Kernel-side losses, indexed by `kalive_common::drop_reason`.
     pub kernel_drops: [u64; drop_reason::COUNT as usize],
+    /// Runs of kalive's programs the kernel skipped (sum of their recursion_misses).
+    pub programs_skipped: u64,
+    /// Reading a program's statistics failed once (logged once).
+    pub program_stats_failed: bool,
 }
 
 /// The table, the metrics and the collector's counters, behind one lock.
@@ -132,6 +137,8 @@ pub struct Collector {
     pub state: SharedState,
     pub mode: HookMode,
     pub rejected_modes: Vec<(HookMode, String)>,
+    /// The attached programs' names and kernel ids (as `bpftool prog show` lists them).
+    pub program_ids: Vec<(&'static str, u32)>,
     task: JoinHandle<Result<(), CollectorError>>,
     _ebpf: Ebpf,
 }
@@ -180,10 +187,16 @@ impl Collector {
         // (and with it the RingBuf) is dropped.
         let ring = unsafe { AsyncFd::register(ring) }
             .map_err(|err| CollectorError::Poll(std::io::Error::from(err)))?;
+        let programs = ProgramHandles::new(&ebpf, &loaded.programs);
+        let program_ids = programs.ids().unwrap_or_else(|err| {
+            log::warn!("reading the programs' kernel ids failed: {err}");
+            Vec::new()
+        });
         let task = tokio::spawn(drain_until_stopped(
             Kernel {
                 ring,
                 drops,
+                programs,
                 connections,
             },
             state.clone(),
@@ -194,6 +207,7 @@ impl Collector {
             state,
             mode: loaded.mode,
             rejected_modes: loaded.rejected,
+            program_ids,
             task,
             _ebpf: ebpf,
         })
@@ -240,6 +254,7 @@ fn take_map(ebpf: &mut Ebpf, name: &'static str) -> Result<aya::maps::Map, Colle
 struct Kernel {
     ring: AsyncFd<RingBuf<MapData>>,
     drops: PerCpuArray<MapData, u64>,
+    programs: ProgramHandles,
     connections: BpfHashMap<MapData, u64, ConnState>,
 }
 
@@ -281,7 +296,10 @@ async fn drain(
                 drain_ready(guard.get_inner_mut(), state, log_probes);
                 guard.clear_ready();
             }
-            _ = drop_poll.tick() => read_drops(&kernel.drops, state),
+            _ = drop_poll.tick() => {
+                read_drops(&kernel.drops, state);
+                read_program_skips(&kernel.programs, state);
+            }
             _ = map_count_poll.tick() => count_connections(&kernel.connections, state),
         }
         state.lock().health.last_drain = Instant::now();
@@ -352,6 +370,29 @@ fn read_drops(drops: &PerCpuArray<MapData, u64>, state: &SharedState) {
         }
     }
     state.stats.kernel_drops = totals;
+}
+
+/// Runs of kalive's programs that the kernel skipped (recursion_misses): lost events that no
+/// kalive counter could see.
+fn read_program_skips(programs: &ProgramHandles, state: &SharedState) {
+    let (total, failed) = programs.total_recursion_misses();
+    let mut state = state.lock();
+    for (name, err) in failed {
+        if !state.stats.program_stats_failed {
+            log::warn!("reading the statistics of program {name} failed: {err}");
+        }
+        state.stats.program_stats_failed = true;
+    }
+    let old = state.stats.programs_skipped;
+    if total > old {
+        log::warn!(
+            "the kernel skipped {} run(s) of kalive's programs (another run of the same program \
+             was in progress on that CPU); those events are lost",
+            total - old
+        );
+        state.metrics.add_lost("program_skipped", total - old);
+    }
+    state.stats.programs_skipped = total;
 }
 
 /// What each kernel drop counter means, for logs and metrics.

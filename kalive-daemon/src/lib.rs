@@ -2,7 +2,7 @@
 //!
 //! Where things happen:
 //! - `loader`: loads the kernel programs (kalive-ebpf) with offsets from `btf_layout` and
-//!   `tracefs`, and attaches them in a hook mode;
+//!   attaches them in a hook mode;
 //! - kalive-ebpf's `timer_run.rs`: where a keepalive probe is counted, in the kernel;
 //! - `collector`: drains the ring buffer into the `table` and logs through `report`;
 //! - `classify`: the peer state rules (alive, probing, dead, rebooted, unreachable, reset, closed);
@@ -21,10 +21,10 @@ pub mod hz;
 pub mod kallsyms;
 pub mod loader;
 pub mod metrics;
+pub mod program_stats;
 pub mod report;
 #[cfg(feature = "scenarios")]
 pub mod scenarios;
 pub mod table;
 pub mod top;
-pub mod tracefs;
 pub mod web_config;

@@ -3,7 +3,7 @@
 use std::fmt;
 
 use aya::{
-    programs::{FEntry, FExit, KProbe, TracePoint},
+    programs::{FEntry, FExit, KProbe, RawTracePoint},
     Btf, Ebpf, EbpfLoader,
 };
 use kalive_common::names;
@@ -13,7 +13,6 @@ use crate::{
     hz::{kernel_hz, HzError},
     kallsyms::function_address,
     table::KernelUnits,
-    tracefs::{ensure_mounted, tracepoint_layout, TracefsError},
 };
 
 /// How to hook tcp_keepalive_timer.
@@ -25,7 +24,7 @@ pub enum HookMode {
     Fentry,
     /// kprobe/kretprobe (needs CONFIG_KPROBES).
     Kprobe,
-    /// timer:timer_expire_entry/exit filtered on tcp_keepalive_timer's address.
+    /// timer_expire_entry/exit raw tracepoints filtered on tcp_keepalive_timer's address.
     Tracepoint,
 }
 
@@ -69,8 +68,6 @@ pub enum LoadError {
     #[error(transparent)]
     Btf(#[from] BtfError),
     #[error(transparent)]
-    Tracefs(#[from] TracefsError),
-    #[error(transparent)]
     Hz(#[from] HzError),
     #[error(
         "loading the kernel programs failed: {0}. If the message mentions permissions, run as root; \
@@ -85,15 +82,19 @@ pub enum LoadError {
         name: &'static str,
     },
     #[error(
-        "attaching to the tracepoint {category}:{name} failed: {source}. kalive needs it \
-         (Linux 5.15 or newer); run as root so tracefs is readable"
+        "attaching to the raw tracepoint {name} failed: {source}. kalive needs it (Linux 5.15 \
+         or newer); run as root"
     )]
     Tracepoint {
-        category: &'static str,
         name: &'static str,
         #[source]
         source: aya::programs::ProgramError,
     },
+    #[error(
+        "this kernel has no tracepoint {0} (no btf_trace_{0} in its BTF): kalive needs Linux \
+         5.15 or newer"
+    )]
+    TracepointMissing(&'static str),
     #[error(
         "hook mode {mode} is not available on this kernel: {reason}. Use --hook-mode auto to pick \
          one that works"
@@ -114,14 +115,27 @@ pub struct Loaded {
     pub programs: Vec<&'static str>,
 }
 
-/// The lifecycle tracepoints attached in every mode: (program, category, event).
-const LIFECYCLE_TRACEPOINTS: [(&str, &str, &str); 5] = [
-    (names::PROG_TP_RECEIVE_RESET, "tcp", "tcp_receive_reset"),
-    (names::PROG_TP_SEND_RESET, "tcp", "tcp_send_reset"),
-    (names::PROG_TP_ERROR_REPORT, "sock", "inet_sk_error_report"),
-    (names::PROG_TP_SET_STATE, "sock", "inet_sock_set_state"),
-    (names::PROG_TP_DESTROY_SOCK, "tcp", "tcp_destroy_sock"),
+/// The lifecycle tracepoints attached in every mode: (program, tracepoint). tcp_send_reset is
+/// chosen by `send_reset_program`.
+const LIFECYCLE_TRACEPOINTS: [(&str, &str); 4] = [
+    (names::PROG_TP_RECEIVE_RESET, "tcp_receive_reset"),
+    (names::PROG_TP_ERROR_REPORT, "inet_sk_error_report"),
+    (names::PROG_TP_SET_STATE, "inet_sock_set_state"),
+    (names::PROG_TP_DESTROY_SOCK, "tcp_destroy_sock"),
 ];
+
+const SEND_RESET: &str = "tcp_send_reset";
+
+/// The tcp_send_reset program for this kernel: the kernel refuses to attach a raw tracepoint
+/// program that reads more arguments than the tracepoint passes, and `reason` (the third) came
+/// in Linux 6.10.
+fn send_reset_program(types: &KernelTypes) -> Result<&'static str, LoadError> {
+    match types.tracepoint_arguments(SEND_RESET) {
+        Some(arguments) if arguments >= 3 => Ok(names::PROG_TP_SEND_RESET_WITH_REASON),
+        Some(_) => Ok(names::PROG_TP_SEND_RESET),
+        None => Err(LoadError::TracepointMissing(SEND_RESET)),
+    }
+}
 
 /// Loads the programs with this kernel's layouts and attaches them in `requested` mode.
 pub fn load_and_attach(requested: HookMode) -> Result<Loaded, LoadError> {
@@ -133,8 +147,7 @@ pub fn load_and_attach(requested: HookMode) -> Result<Loaded, LoadError> {
     }
     let types = KernelTypes::from_running_kernel()?;
     let sock_layout = types.sock_layout()?;
-    let tracefs_root = ensure_mounted()?;
-    let tp_layout = tracepoint_layout(&tracefs_root)?;
+    let send_reset = send_reset_program(&types)?;
     let units = KernelUnits {
         hz: kernel_hz()?,
         reset_reasons: types.reset_reasons(),
@@ -151,7 +164,6 @@ pub fn load_and_attach(requested: HookMode) -> Result<Loaded, LoadError> {
     let mut ebpf = EbpfLoader::new()
         .btf(Some(&btf))
         .override_global(names::GLOBAL_SOCK_LAYOUT, &sock_layout, true)
-        .override_global(names::GLOBAL_TRACEPOINT_LAYOUT, &tp_layout, true)
         .override_global(names::GLOBAL_KEEPALIVE_TIMER_FN, &timer_fn_address, true)
         .load(KERNEL_PROGRAMS)
         .map_err(|err| match &err {
@@ -163,9 +175,10 @@ pub fn load_and_attach(requested: HookMode) -> Result<Loaded, LoadError> {
             _ => LoadError::Load(err),
         })?;
 
-    for (program, category, name) in LIFECYCLE_TRACEPOINTS {
-        attach_tracepoint(&mut ebpf, program, category, name)?;
+    for (program, name) in LIFECYCLE_TRACEPOINTS {
+        attach_tracepoint(&mut ebpf, program, name)?;
     }
+    attach_tracepoint(&mut ebpf, send_reset, SEND_RESET)?;
 
     let candidates: &[HookMode] = match requested {
         HookMode::Auto => &HookMode::CONCRETE,
@@ -195,8 +208,9 @@ pub fn load_and_attach(requested: HookMode) -> Result<Loaded, LoadError> {
                 );
                 let mut programs: Vec<&'static str> = LIFECYCLE_TRACEPOINTS
                     .iter()
-                    .map(|(program, _, _)| *program)
+                    .map(|(program, _)| *program)
                     .collect();
+                programs.push(send_reset);
                 programs.extend(mode.timer_programs());
                 return Ok(Loaded {
                     ebpf,
@@ -242,33 +256,22 @@ fn has_bpf_capabilities() -> bool {
 fn attach_tracepoint(
     ebpf: &mut Ebpf,
     program: &'static str,
-    category: &'static str,
     name: &'static str,
 ) -> Result<(), LoadError> {
-    let tracepoint: &mut TracePoint = ebpf
+    let tracepoint: &mut RawTracePoint = ebpf
         .program_mut(program)
         .ok_or(LoadError::MissingObject {
             what: "program",
             name: program,
         })?
         .try_into()
-        .map_err(|source| LoadError::Tracepoint {
-            category,
-            name,
-            source,
-        })?;
-    tracepoint.load().map_err(|source| LoadError::Tracepoint {
-        category,
-        name,
-        source,
-    })?;
+        .map_err(|source| LoadError::Tracepoint { name, source })?;
     tracepoint
-        .attach(category, name)
-        .map_err(|source| LoadError::Tracepoint {
-            category,
-            name,
-            source,
-        })?;
+        .load()
+        .map_err(|source| LoadError::Tracepoint { name, source })?;
+    tracepoint
+        .attach(name)
+        .map_err(|source| LoadError::Tracepoint { name, source })?;
     Ok(())
 }
 
@@ -328,7 +331,7 @@ fn attach_timer_tracepoints(ebpf: &mut Ebpf) -> Result<(), String> {
         (names::PROG_TP_TIMER_ENTRY, "timer_expire_entry"),
         (names::PROG_TP_TIMER_EXIT, "timer_expire_exit"),
     ] {
-        if let Err(err) = attach_tracepoint(ebpf, program, "timer", name) {
+        if let Err(err) = attach_tracepoint(ebpf, program, name) {
             unload(
                 ebpf,
                 &[names::PROG_TP_TIMER_ENTRY, names::PROG_TP_TIMER_EXIT],
@@ -355,7 +358,7 @@ fn unload(ebpf: &mut Ebpf, programs: &[&str]) {
                 aya::programs::Program::FEntry(p) => p.unload(),
                 aya::programs::Program::FExit(p) => p.unload(),
                 aya::programs::Program::KProbe(p) => p.unload(),
-                aya::programs::Program::TracePoint(p) => p.unload(),
+                aya::programs::Program::RawTracePoint(p) => p.unload(),
                 _ => Ok(()),
             };
             if let Err(err) = result {

@@ -136,11 +136,12 @@ pub struct Metrics {
 }
 
 /// Where an event can be lost, for `kalive_events_lost_total{stage}`.
-pub const LOSS_STAGES: [&str; 5] = [
+pub const LOSS_STAGES: [&str; 6] = [
     "ringbuf_full",
     "map_insert_failed",
     "kernel_read_failed",
     "timer_run_mismatch",
+    "program_skipped",
     "decode",
 ];
 
@@ -527,6 +528,7 @@ mod tests {
             "kalive_dead_peer_detection_seconds_sum{direction=\"outbound\",port=\"443\"} 4",
             "kalive_probes_before_outcome_bucket{direction=\"outbound\",outcome=\"dead\",port=\"443\",le=\"3\"} 1",
             "kalive_events_lost_total{stage=\"ringbuf_full\"} 0",
+            "kalive_events_lost_total{stage=\"program_skipped\"} 0",
             "kalive_series 2",
             "kalive_series_limit 1000",
         ] {

@@ -636,6 +636,10 @@ impl ConnectionTable {
     /// Error reports carry addresses but no socket: tie one to the single live connection with
     /// the same endpoints, if there is exactly one.
     fn error_report(&mut self, event: &Event) {
+        if let Some(conn) = self.live.get_mut(&event.sock) {
+            conn.last_error = event.error;
+            return;
+        }
         let (local, remote) = endpoints(&event.conn);
         let mut matching = self
             .live

@@ -120,3 +120,27 @@ fn missing_members_and_garbage_are_clear_errors() {
         );
     }
 }
+
+/// Raw tracepoint arity from the `btf_trace_*` typedefs: tcp_send_reset gained its `reason`
+/// argument in Linux 6.10, so the 6.1 kernel passes two arguments and 6.18 three.
+#[test]
+fn tracepoint_arguments_come_from_the_btf_trace_typedefs() {
+    let current = stored_kernel();
+    let debian_6_1 = parse_gzipped(include_bytes!("data/vmlinux-6.1.0-56-cloud-amd64.btf.gz"));
+    assert_eq!(current.tracepoint_arguments("tcp_send_reset"), Some(3));
+    assert_eq!(debian_6_1.tracepoint_arguments("tcp_send_reset"), Some(2));
+    for kernel in [&current, &debian_6_1] {
+        assert_eq!(kernel.tracepoint_arguments("timer_expire_entry"), Some(2));
+        assert_eq!(kernel.tracepoint_arguments("timer_expire_exit"), Some(1));
+        assert_eq!(kernel.tracepoint_arguments("inet_sock_set_state"), Some(3));
+        assert_eq!(kernel.tracepoint_arguments("tcp_destroy_sock"), Some(1));
+        assert_eq!(kernel.tracepoint_arguments("no_such_tracepoint"), None);
+    }
+    // timer_list.function and sock.sk_protocol (pahole: 24, and 532 on 6.18.44, 516 on 6.1).
+    let current_layout = current.sock_layout().expect("layout");
+    let debian_6_1_layout = debian_6_1.sock_layout().expect("layout");
+    assert_eq!(current_layout.timer_function, field(24, 8));
+    assert_eq!(debian_6_1_layout.timer_function, field(24, 8));
+    assert_eq!(current_layout.sk_protocol, field(532, 2));
+    assert_eq!(debian_6_1_layout.sk_protocol, field(516, 2));
+}

@@ -1,11 +1,8 @@
-//! Reading the running kernel's structs and tracepoint records with offsets that user space
-//! resolved from BTF and tracefs and set as globals before load.
+//! Reading the running kernel's structs with offsets that user space resolved from BTF and set as
+//! globals before load.
 
-use aya_ebpf::{
-    helpers::{bpf_probe_read_kernel, bpf_probe_read_kernel_buf},
-    programs::TracePointContext,
-};
-use kalive_common::{drop_reason, Field, SockLayout, TracepointLayout};
+use aya_ebpf::helpers::{bpf_probe_read_kernel, bpf_probe_read_kernel_buf};
+use kalive_common::{drop_reason, Field, SockLayout};
 
 use crate::maps::count_drop;
 
@@ -26,6 +23,7 @@ pub static SOCK_LAYOUT: SockLayout = SockLayout {
     net: ZERO_FIELD,
     sk_flags: ZERO_FIELD,
     sk_err: ZERO_FIELD,
+    sk_protocol: ZERO_FIELD,
     probes_out: ZERO_FIELD,
     user_timeout: ZERO_FIELD,
     keepalive_time: ZERO_FIELD,
@@ -39,32 +37,9 @@ pub static SOCK_LAYOUT: SockLayout = SockLayout {
     net_keepalive_time: ZERO_FIELD,
     net_keepalive_intvl: ZERO_FIELD,
     net_keepalive_probes: ZERO_FIELD,
+    timer_function: ZERO_FIELD,
     keepopen_bit: 0,
     _pad: 0,
-};
-
-/// Offsets of the fields of the tracepoint records; set by user space.
-#[unsafe(no_mangle)]
-pub static TRACEPOINT_LAYOUT: TracepointLayout = TracepointLayout {
-    timer_entry_timer: ZERO_FIELD,
-    timer_entry_function: ZERO_FIELD,
-    timer_exit_timer: ZERO_FIELD,
-    send_reset_skaddr: ZERO_FIELD,
-    send_reset_reason: ZERO_FIELD,
-    receive_reset_skaddr: ZERO_FIELD,
-    error_report_error: ZERO_FIELD,
-    error_report_protocol: ZERO_FIELD,
-    error_report_family: ZERO_FIELD,
-    error_report_sport: ZERO_FIELD,
-    error_report_dport: ZERO_FIELD,
-    error_report_saddr: ZERO_FIELD,
-    error_report_daddr: ZERO_FIELD,
-    error_report_saddr_v6: ZERO_FIELD,
-    error_report_daddr_v6: ZERO_FIELD,
-    set_state_skaddr: ZERO_FIELD,
-    set_state_newstate: ZERO_FIELD,
-    set_state_protocol: ZERO_FIELD,
-    destroy_sock_skaddr: ZERO_FIELD,
 };
 
 /// Address of tcp_keepalive_timer (from /proc/kallsyms), for the tracepoint hook mode.
@@ -82,26 +57,10 @@ macro_rules! sock_field {
 }
 pub(crate) use sock_field;
 
-/// One field's place in a tracepoint record (`tracepoint_field_of!(timer_exit_timer)`).
-macro_rules! tracepoint_field_of {
-    ($name:ident) => {
-        // SAFETY: a plain read of a global the loader has set.
-        unsafe { core::ptr::read_volatile(&$crate::kernel::TRACEPOINT_LAYOUT.$name) }
-    };
-}
-pub(crate) use tracepoint_field_of;
-
 #[inline(always)]
 pub fn keepalive_timer_fn() -> u64 {
     // SAFETY: as in `sock_layout`.
     unsafe { core::ptr::read_volatile(&KEEPALIVE_TIMER_FN) }
-}
-
-/// Reads a tracepoint record field; 0 when the record is shorter than the layout says.
-#[inline(always)]
-pub fn tracepoint_field<T: Default>(ctx: &TracePointContext, field: Field) -> T {
-    // SAFETY: read_at goes through bpf_probe_read, which checks the address.
-    unsafe { ctx.read_at::<T>(field.offset as usize) }.unwrap_or_default()
 }
 
 /// Reads an integer member of 1, 2, 4 or 8 bytes at `base + field.offset`, zero-extended.

@@ -4,13 +4,13 @@
 //! in the run (`TimerRun`) and reported by `timer_run::finish`, so a timeout or an RST answering a
 //! probe arrives as one event with everything that happened.
 
-use aya_ebpf::{helpers::bpf_ktime_get_boot_ns, programs::TracePointContext};
+use aya_ebpf::helpers::bpf_ktime_get_boot_ns;
 use kalive_common::{
     event_flag, event_kind, ConnState, Event, TimerRun, AF_INET6, IPPROTO_TCP, REASON_UNKNOWN,
 };
 
 use crate::{
-    kernel::{read_bytes, read_uint, sock_field, tracepoint_field, tracepoint_field_of},
+    kernel::{read_bytes, read_uint, sock_field},
     maps::{emit, run_in_progress, scratch_event, CONNECTIONS},
 };
 
@@ -109,43 +109,33 @@ pub fn reset_sent(sock: u64, reason: u32) {
     }
 }
 
-/// sock:inet_sk_error_report. The record has no socket address: during a keepalive run on this
-/// CPU it is the run's socket; otherwise user space ties it to a connection by its addresses.
+/// True when `sock` is a TCP socket (the socket tracepoints fire for other protocols too).
 #[inline(always)]
-pub fn error_report(ctx: &TracePointContext) {
-    let protocol: u16 = tracepoint_field(ctx, tracepoint_field_of!(error_report_protocol));
-    if u32::from(protocol) != IPPROTO_TCP {
+pub fn is_tcp(sock: u64) -> bool {
+    sock != 0 && read_uint(sock, sock_field!(sk_protocol)) as u32 == IPPROTO_TCP
+}
+
+/// sock:inet_sk_error_report. During a keepalive run of the same socket on this CPU the error
+/// goes into the run; otherwise it is reported with the socket's identity.
+#[inline(always)]
+pub fn error_report(sock: u64) {
+    if !is_tcp(sock) {
         return;
     }
-    let error: i32 = tracepoint_field(ctx, tracepoint_field_of!(error_report_error));
-    if let Some(run) = run_in_progress() {
+    let error = read_uint(sock, sock_field!(sk_err)) as i32;
+    if let Some(run) = run_of(sock) {
         // SAFETY: this CPU's slot.
         unsafe {
-            if (*run).sock != 0 {
-                if (*run).close_error == 0 {
-                    (*run).close_error = error;
-                }
-                return;
+            if (*run).close_error == 0 {
+                (*run).close_error = error;
             }
         }
+        return;
     }
-    let Some((event, _)) = event_for(event_kind::ERROR_REPORT, 0) else {
+    let Some((event, _)) = event_for(event_kind::ERROR_REPORT, sock) else {
         return;
     };
     event.error = error;
-    let conn = &mut event.conn;
-    conn.family = tracepoint_field(ctx, tracepoint_field_of!(error_report_family));
-    conn.local_port = tracepoint_field(ctx, tracepoint_field_of!(error_report_sport));
-    conn.remote_port = tracepoint_field(ctx, tracepoint_field_of!(error_report_dport));
-    if conn.family == AF_INET6 {
-        conn.local_addr = tracepoint_field(ctx, tracepoint_field_of!(error_report_saddr_v6));
-        conn.remote_addr = tracepoint_field(ctx, tracepoint_field_of!(error_report_daddr_v6));
-    } else {
-        let local: [u8; 4] = tracepoint_field(ctx, tracepoint_field_of!(error_report_saddr));
-        let remote: [u8; 4] = tracepoint_field(ctx, tracepoint_field_of!(error_report_daddr));
-        conn.local_addr[..4].copy_from_slice(&local);
-        conn.remote_addr[..4].copy_from_slice(&remote);
-    }
     emit(event);
 }
 

@@ -5,7 +5,8 @@
 //!   loopback and other synchronous paths the peer's ACK is processed before the callback returns
 //!   and resets icsk_probes_out to 0);
 //! - the connection timed out when it reached TCP_CLOSE during the run (seen by
-//!   inet_sock_set_state, which records sk_err: ETIMEDOUT, or the ICMP soft error);
+//!   inet_sock_set_state, which records sk_err: ETIMEDOUT, or the ICMP soft error; or by the
+//!   state after the run when that program was skipped);
 //! - a probe could not be sent locally when idle time was reached on an established, idle,
 //!   unlocked socket and neither a probe nor a close happened.
 //!
@@ -89,7 +90,15 @@ fn record(run: &TimerRun) {
         && run.state_before != tcp_state::FIN_WAIT2;
     let answered_in_run = rcv_tstamp_after != run.rcv_tstamp_before;
     let probe_sent = was_connected && (probes_out_after > run.probes_out_before || answered_in_run);
-    let closed = run.closed != 0;
+    // inet_sock_set_state reports the close, but its program is skipped when it is already
+    // running on this CPU (a process-context close interrupted by this timer): the state after
+    // the run says it too.
+    let closed = run.closed != 0 || (was_connected && state_after == tcp_state::CLOSE);
+    let close_error = if run.close_error == 0 && closed {
+        read_uint(sock, sock_field!(sk_err)) as i32
+    } else {
+        run.close_error
+    };
 
     let Some(event) = scratch_event() else {
         return;
@@ -200,7 +209,7 @@ fn record(run: &TimerRun) {
     event.kind = event_kind::TIMER_RUN;
     event.sock = sock;
     event.time_ns = now_ns;
-    event.error = run.close_error;
+    event.error = close_error;
     event.reset_reason = run.reset_sent_reason;
     event.old_state = run.state_before;
     event.probes_out_before = run.probes_out_before;

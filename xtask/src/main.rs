@@ -23,7 +23,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Task {
-    /// Install what building and testing need: nightly, rust-src, bpf-linker, packages, tracefs.
+    /// Install what building and testing need: nightly, rust-src, bpf-linker, packages.
     Setup,
     /// Build kalive-daemon in release mode and run it; arguments after `--` go to the daemon.
     Run {

@@ -15,9 +15,10 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 /// Debian packages the privileged integration tests and vm-test (QEMU, cpio) use.
 // prometheus provides promtool and the server the metrics tests scrape with; curl and openssl
 // are the independent HTTPS client and certificate maker of the web-config test; tmux runs
-// `kalive-daemon top` in a real terminal for its end-to-end test; qemu-system-x86 boots the
-// vm-test kernels and cpio packs their initramfs.
-const APT_PACKAGES: [&str; 10] = [
+// `kalive-daemon top` in a real terminal for its end-to-end test; bpftool reads the kernel's
+// recursion_misses of kalive's programs for the churn test; qemu-system-x86 boots the vm-test
+// kernels and cpio packs their initramfs.
+const APT_PACKAGES: [&str; 11] = [
     "nftables",
     "iproute2",
     "tcpdump",
@@ -26,10 +27,10 @@ const APT_PACKAGES: [&str; 10] = [
     "curl",
     "openssl",
     "tmux",
+    "bpftool",
     "qemu-system-x86",
     "cpio",
 ];
-const TRACEFS: &str = "/sys/kernel/tracing";
 const RUSTUP_HINT: &str = "check that rustup works and the network is reachable";
 const REINSTALL_NIGHTLY: &str = "reinstall it with `rustup toolchain install nightly --force`";
 
@@ -39,8 +40,7 @@ pub fn setup() -> Result<()> {
     let sysroot = nightly_sysroot()?;
     rust_src(&sysroot)?;
     bpf_linker(&sysroot)?;
-    apt_packages()?;
-    tracefs()
+    apt_packages()
 }
 
 fn rustup<const N: usize>(args: [&str; N]) -> Command {
@@ -215,26 +215,4 @@ fn apt_packages() -> Result<()> {
             .args(&missing),
     )
     .with_context(|| format!("installing {list} failed: read apt's errors above"))
-}
-
-fn tracefs() -> Result<()> {
-    if Path::new(TRACEFS).join("events").exists() {
-        println!("ok: tracefs mounted at {TRACEFS}");
-        return Ok(());
-    }
-    if !is_root() {
-        println!(
-            "note: tracefs is not mounted at {TRACEFS} (the tracepoint hooks need it); \
-             rerun `cargo xtask setup` as root to mount it"
-        );
-        return Ok(());
-    }
-    println!("installing: tracefs at {TRACEFS}");
-    run_checked(Command::new("mount").args(["-t", "tracefs", "tracefs", TRACEFS])).with_context(
-        || {
-            format!(
-                "mounting tracefs failed: check that {TRACEFS} exists and the kernel has tracefs"
-            )
-        },
-    )
 }

@@ -281,6 +281,11 @@ impl Kalive {
         })
     }
 
+    /// The attached programs' names and kernel ids.
+    pub fn program_ids(&self) -> Vec<(&'static str, u32)> {
+        self.collector().program_ids.clone()
+    }
+
     pub fn kernel_drops(&self) -> u64 {
         self.collector()
             .state

@@ -1,0 +1,159 @@
+//! Counting stays exact while the machine is busy with other TCP connections: each short-lived
+//! connection fires the lifecycle tracepoints in process context, and a keepalive timer that
+//! interrupts one of those programs used to lose its run (the kernel skips a classic tracepoint
+//! program while any BPF program runs on the CPU). Checked against the namespace's TcpExt
+//! counters, and kalive's count of skipped program runs against bpftool's `recursion_misses`.
+
+mod support;
+
+use std::{
+    net::TcpStream,
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
+
+use kalive_daemon::classify::PeerState;
+use support::*;
+
+const DEAD_CONNECTIONS: usize = 60;
+const CHURN_THREADS: usize = 2;
+
+#[test]
+fn counts_stay_exact_under_connection_churn() {
+    let test = "counts_stay_exact_under_connection_churn";
+    let Some((kalive, netns)) = start(test, "churn") else {
+        return;
+    };
+    if !tool(test, "bpftool") {
+        return;
+    }
+    let settings = Keepalive {
+        idle_s: 1,
+        interval_s: 1,
+        count: 3,
+    };
+    let (kernel, errors, churned) = netns.run(|| {
+        let before = tcp_ext();
+        let churn_listener = listen("127.0.0.1:0");
+        let churn_address = churn_listener.local_addr().expect("address");
+        let stop = Arc::new(AtomicBool::new(false));
+        let churned = Arc::new(AtomicU64::new(0));
+        let mut churners = Vec::new();
+        {
+            let stop = stop.clone();
+            churners.push(std::thread::spawn(move || {
+                churn_listener
+                    .set_nonblocking(true)
+                    .expect("non-blocking listener");
+                while !stop.load(Ordering::Relaxed) {
+                    match churn_listener.accept() {
+                        Ok((accepted, _)) => drop(accepted),
+                        Err(_) => std::thread::sleep(Duration::from_micros(200)),
+                    }
+                }
+            }));
+        }
+        for _ in 0..CHURN_THREADS {
+            let stop = stop.clone();
+            let churned = churned.clone();
+            churners.push(std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    if let Ok(stream) = TcpStream::connect(churn_address) {
+                        close_with_rst(stream);
+                        churned.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }));
+        }
+
+        let listener = listen("127.0.0.1:0");
+        let pairs: Vec<_> = (0..DEAD_CONNECTIONS)
+            .map(|_| {
+                let (client, server) = connected_pair(&listener);
+                enable_keepalive(&client, Some(settings));
+                drop_all_inbound(&client);
+                (client, server)
+            })
+            .collect();
+        std::thread::sleep(Duration::from_secs(7));
+        stop.store(true, Ordering::Relaxed);
+        for churner in churners {
+            churner.join().expect("churn thread");
+        }
+        let errors: Vec<i32> = pairs
+            .iter()
+            .map(|(client, _)| socket_error(client))
+            .collect();
+        (
+            delta(&before, &tcp_ext()),
+            errors,
+            churned.load(Ordering::Relaxed),
+        )
+    });
+    assert!(
+        errors.iter().all(|error| *error == libc::ETIMEDOUT),
+        "every client times out: {errors:?}"
+    );
+    assert_eq!(kernel.keepalive_probes, (DEAD_CONNECTIONS * 3) as u64);
+    assert_eq!(kernel.aborts_on_timeout, DEAD_CONNECTIONS as u64);
+    assert!(
+        churned > 1_000,
+        "only {churned} churn connections were made"
+    );
+    eprintln!("{churned} short connections ran alongside the keepalive timers");
+
+    assert!(
+        kalive.wait_for_outcomes(netns.inum, DEAD_CONNECTIONS, Duration::from_secs(10)),
+        "kalive saw {} of {DEAD_CONNECTIONS} outcomes",
+        kalive.ended(netns.inum).len()
+    );
+    let totals = kalive.totals(netns.inum);
+    assert_eq!(
+        totals.probes_sent, kernel.keepalive_probes,
+        "probes vs TcpExt"
+    );
+    assert_eq!(
+        totals.keepalive_timeouts, kernel.aborts_on_timeout,
+        "timeouts vs TcpExt"
+    );
+    let ended = kalive.ended(netns.inum);
+    assert!(ended.iter().all(|e| e.outcome == PeerState::Dead
+        && e.error == libc::ETIMEDOUT
+        && e.connection.probes_sent == 3));
+    assert_eq!(kalive.kernel_drops(), 0, "no kernel-side drops");
+
+    // kalive's count of skipped runs is the kernel's recursion_misses of its programs.
+    let from_bpftool = bpftool_recursion_misses(&kalive.program_ids());
+    assert!(
+        kalive.wait_for(Duration::from_secs(3), |state| {
+            state.stats.programs_skipped == from_bpftool
+        }),
+        "kalive's skipped runs differ from bpftool's recursion_misses {from_bpftool}"
+    );
+}
+
+/// The sum of `recursion_misses` that `bpftool prog show` reports for the programs `ids`;
+/// bpftool leaves the field out when it is 0.
+fn bpftool_recursion_misses(ids: &[(&str, u32)]) -> u64 {
+    assert!(!ids.is_empty(), "kalive reported no program ids");
+    let mut total = 0;
+    for (name, id) in ids {
+        let output = std::process::Command::new("bpftool")
+            .args(["--json", "prog", "show", "id", &id.to_string()])
+            .output()
+            .expect("run bpftool");
+        assert!(
+            output.status.success(),
+            "bpftool prog show id {id} ({name}) failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let info: serde_json::Value =
+            serde_json::from_slice(&output.stdout).expect("bpftool prints JSON");
+        assert_eq!(info["name"], *name, "program {id} is kalive's {name}");
+        total += info["recursion_misses"].as_u64().unwrap_or(0);
+    }
+    total
+}
