@@ -286,10 +286,17 @@ fn fetch_kernel(spec: &KernelSpec, cache: &Path) -> Result<Kernel> {
 /// Updates the private package lists and returns the newest cloud kernel's release.
 fn resolve(spec: &KernelSpec, options: &[String]) -> Result<String> {
     println!("vm-test: looking up the newest {} cloud kernel", spec.label);
+    // --error-on=any: a list that could not be fetched (no network, no DNS) is an error here,
+    // not a warning followed by "no such package".
     run_limited(
-        apt("apt-get", options).args(["-q", "update"]),
+        apt("apt-get", options).args(["-q", "update", "--error-on=any"]),
         APT_TIMEOUT,
         "updating the package lists",
+    )
+    .context(
+        "vm-test fetches Debian kernel packages on first use: check that deb.debian.org is \
+         reachable (apt's errors above name what failed); once fetched they are cached and used \
+         without network",
     )?;
     let release = depends(options, META_PACKAGE)?
         .into_iter()
