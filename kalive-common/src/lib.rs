@@ -199,7 +199,7 @@ pub mod event_flag {
     pub const DESTROYED: u32 = 1 << 11;
 }
 
-/// Reason value meaning "the tracepoint has no reason field on this kernel".
+/// Reason value meaning "tcp_send_reset has no reason argument on this kernel" (before 6.10).
 pub const REASON_UNKNOWN: u32 = u32::MAX;
 
 /// One record in the EVENTS ring buffer.
@@ -232,7 +232,9 @@ pub mod drop_reason {
     pub const READ_FAILED: u32 = 2;
     /// A timer exit without its entry on this CPU (the run's start was missed).
     pub const RUN_MISMATCH: u32 = 3;
-    pub const COUNT: u32 = 4;
+    /// More kalive programs nested on one CPU than there are scratch slots.
+    pub const SCRATCH_NESTED: u32 = 4;
+    pub const COUNT: u32 = 5;
 }
 
 /// Per-CPU scratch for the keepalive timer run in progress on that CPU.

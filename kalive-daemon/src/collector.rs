@@ -63,8 +63,8 @@ pub struct CollectorStats {
     pub decode_errors: u64,
     /// Kernel-side losses, indexed by `kalive_common::drop_reason`.
     pub kernel_drops: [u64; drop_reason::COUNT as usize],
-    /// Runs of kalive's programs the kernel skipped (sum of their recursion_misses).
-    pub programs_skipped: u64,
+    /// Runs of each kalive program the kernel skipped (its recursion_misses at the last read).
+    pub programs_skipped: std::collections::BTreeMap<&'static str, u64>,
     /// Reading a program's statistics failed once (logged once).
     pub program_stats_failed: bool,
 }
@@ -189,7 +189,10 @@ impl Collector {
             .map_err(|err| CollectorError::Poll(std::io::Error::from(err)))?;
         let programs = ProgramHandles::new(&ebpf, &loaded.programs);
         let program_ids = programs.ids().unwrap_or_else(|err| {
-            log::warn!("reading the programs' kernel ids failed: {err}");
+            log::warn!(
+                "reading the programs' kernel ids failed: {err}; they only serve to compare \
+                 skipped runs with bpftool, collection goes on"
+            );
             Vec::new()
         });
         let task = tokio::spawn(drain_until_stopped(
@@ -373,26 +376,38 @@ fn read_drops(drops: &PerCpuArray<MapData, u64>, state: &SharedState) {
 }
 
 /// Runs of kalive's programs that the kernel skipped (recursion_misses): lost events that no
-/// kalive counter could see.
+/// kalive counter could see. Each program's count is compared with its own last successful
+/// read, so a read that fails once does not count its misses twice later.
 fn read_program_skips(programs: &ProgramHandles, state: &SharedState) {
-    let (total, failed) = programs.total_recursion_misses();
+    let readings = programs.recursion_misses();
     let mut state = state.lock();
-    for (name, err) in failed {
-        if !state.stats.program_stats_failed {
-            log::warn!("reading the statistics of program {name} failed: {err}");
+    let mut new_skips = 0u64;
+    for (name, reading) in readings {
+        match reading {
+            Ok(misses) => {
+                let last = state.stats.programs_skipped.entry(name).or_insert(0);
+                new_skips += misses.saturating_sub(*last);
+                *last = misses;
+            }
+            Err(err) => {
+                if !state.stats.program_stats_failed {
+                    log::warn!(
+                        "reading the statistics of program {name} failed: {err}; its skipped \
+                         runs are not counted until a read succeeds (check that the daemon still \
+                         has CAP_BPF)"
+                    );
+                }
+                state.stats.program_stats_failed = true;
+            }
         }
-        state.stats.program_stats_failed = true;
     }
-    let old = state.stats.programs_skipped;
-    if total > old {
+    if new_skips > 0 {
         log::warn!(
-            "the kernel skipped {} run(s) of kalive's programs (another run of the same program \
-             was in progress on that CPU); those events are lost",
-            total - old
+            "the kernel skipped {new_skips} run(s) of kalive's programs (another run of the same \
+             program was in progress on that CPU); those events are lost"
         );
-        state.metrics.add_lost("program_skipped", total - old);
+        state.metrics.add_lost("program_skipped", new_skips);
     }
-    state.stats.programs_skipped = total;
 }
 
 /// What each kernel drop counter means, for logs and metrics.
@@ -402,6 +417,7 @@ pub fn drop_name(reason: u32) -> &'static str {
         drop_reason::MAP_INSERT_FAILED => "map_insert_failed",
         drop_reason::READ_FAILED => "kernel_read_failed",
         drop_reason::RUN_MISMATCH => "timer_run_mismatch",
+        drop_reason::SCRATCH_NESTED => "scratch_nested",
         _ => "other",
     }
 }

@@ -136,11 +136,12 @@ pub struct Metrics {
 }
 
 /// Where an event can be lost, for `kalive_events_lost_total{stage}`.
-pub const LOSS_STAGES: [&str; 6] = [
+pub const LOSS_STAGES: [&str; 7] = [
     "ringbuf_full",
     "map_insert_failed",
     "kernel_read_failed",
     "timer_run_mismatch",
+    "scratch_nested",
     "program_skipped",
     "decode",
 ];

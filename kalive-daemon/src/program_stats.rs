@@ -45,17 +45,12 @@ impl ProgramHandles {
             .collect()
     }
 
-    /// The sum of recursion_misses over the programs, and the programs that could not be read.
-    pub fn total_recursion_misses(&self) -> (u64, Vec<(&'static str, std::io::Error)>) {
-        let mut total = 0u64;
-        let mut failed = Vec::new();
-        for (name, fd) in &self.0 {
-            match recursion_misses(fd.as_fd()) {
-                Ok(misses) => total = total.saturating_add(misses),
-                Err(err) => failed.push((*name, err)),
-            }
-        }
-        (total, failed)
+    /// Each program's recursion_misses, or why it could not be read.
+    pub fn recursion_misses(&self) -> Vec<(&'static str, std::io::Result<u64>)> {
+        self.0
+            .iter()
+            .map(|(name, fd)| (*name, recursion_misses(fd.as_fd())))
+            .collect()
     }
 }
 

@@ -633,19 +633,9 @@ impl ConnectionTable {
         Vec::new()
     }
 
-    /// Error reports carry addresses but no socket: tie one to the single live connection with
-    /// the same endpoints, if there is exactly one.
+    /// A socket error (inet_sk_error_report) on a tracked connection outside a keepalive run.
     fn error_report(&mut self, event: &Event) {
         if let Some(conn) = self.live.get_mut(&event.sock) {
-            conn.last_error = event.error;
-            return;
-        }
-        let (local, remote) = endpoints(&event.conn);
-        let mut matching = self
-            .live
-            .values_mut()
-            .filter(|c| c.local == local && c.remote == remote);
-        if let (Some(conn), None) = (matching.next(), matching.next()) {
             conn.last_error = event.error;
         }
     }

@@ -6,12 +6,12 @@
 
 use aya_ebpf::helpers::bpf_ktime_get_boot_ns;
 use kalive_common::{
-    event_flag, event_kind, ConnState, Event, TimerRun, AF_INET6, IPPROTO_TCP, REASON_UNKNOWN,
+    event_flag, event_kind, ConnState, TimerRun, AF_INET6, IPPROTO_TCP, REASON_UNKNOWN,
 };
 
 use crate::{
     kernel::{read_bytes, read_uint, sock_field},
-    maps::{emit, run_in_progress, scratch_event, CONNECTIONS},
+    maps::{emit, run_in_progress, scratch_event, ScratchEvent, CONNECTIONS},
 };
 
 /// Fills the connection's identity (addresses, ports, family, network namespace) from the socket.
@@ -49,8 +49,8 @@ fn run_of(sock: u64) -> Option<*mut TimerRun> {
 /// This CPU's scratch event about `sock`, with the tracked connection's state, or its identity
 /// when untracked. Returns the event and whether the connection is tracked.
 #[inline(always)]
-fn event_for(kind: u32, sock: u64) -> Option<(&'static mut Event, bool)> {
-    let event = scratch_event()?;
+fn event_for(kind: u32, sock: u64) -> Option<(ScratchEvent, bool)> {
+    let mut event = scratch_event()?;
     event.kind = kind;
     event.sock = sock;
     // SAFETY: helper without arguments.
@@ -88,7 +88,7 @@ pub fn reset_received(sock: u64) {
         return;
     }
     if let Some((event, _)) = event_for(event_kind::RESET_RECEIVED, sock) {
-        emit(event);
+        emit(&event);
     }
 }
 
@@ -103,9 +103,9 @@ pub fn reset_sent(sock: u64, reason: u32) {
         }
         return;
     }
-    if let Some((event, _)) = event_for(event_kind::RESET_SENT, sock) {
+    if let Some((mut event, _)) = event_for(event_kind::RESET_SENT, sock) {
         event.reset_reason = reason;
-        emit(event);
+        emit(&event);
     }
 }
 
@@ -132,11 +132,11 @@ pub fn error_report(sock: u64) {
         }
         return;
     }
-    let Some((event, _)) = event_for(event_kind::ERROR_REPORT, sock) else {
+    let Some((mut event, _)) = event_for(event_kind::ERROR_REPORT, sock) else {
         return;
     };
     event.error = error;
-    emit(event);
+    emit(&event);
 }
 
 /// sock:inet_sock_set_state to TCP_CLOSE, or tcp:tcp_destroy_sock (`extra_flags` = DESTROYED).
@@ -158,11 +158,11 @@ pub fn closed(sock: u64, extra_flags: u32) {
     if sock == 0 || unsafe { CONNECTIONS.get(sock) }.is_none() {
         return;
     }
-    let Some((event, _)) = event_for(event_kind::CLOSED, sock) else {
+    let Some((mut event, _)) = event_for(event_kind::CLOSED, sock) else {
         return;
     };
     event.flags |= extra_flags;
     event.error = read_uint(sock, sock_field!(sk_err)) as i32;
     let _ = CONNECTIONS.remove(sock);
-    emit(event);
+    emit(&event);
 }

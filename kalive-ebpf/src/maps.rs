@@ -24,27 +24,80 @@ pub static DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(drop_reason::
 #[map]
 pub static TIMER_RUNS: PerCpuArray<TimerRun> = PerCpuArray::with_max_entries(1, 0);
 
+/// Counts one loss. Not atomic (the bpfel target has no atomic read-modify-write in Rust's
+/// core): if a kalive program is interrupted between this load and store by another one on the
+/// same CPU that also counts a loss (raw tracepoints nest, e.g. a timer softirq during a close in
+/// process context), the inner count is overwritten. Both would have to hit an error path at the
+/// same instant.
 #[inline(always)]
 pub fn count_drop(reason: u32) {
     if let Some(counter) = DROPS.get_ptr_mut(reason) {
-        // SAFETY: per-CPU slot, only this CPU writes it and programs do not preempt each other here.
+        // SAFETY: a valid, aligned per-CPU u64 for this program run.
         unsafe { *counter += 1 };
     }
 }
 
-/// Per-CPU space to build one event in: an Event does not fit the 512-byte BPF stack next to
-/// everything else a program holds.
-#[map]
-pub static SCRATCH: PerCpuArray<Event> = PerCpuArray::with_max_entries(1, 0);
+/// Nesting levels of kalive programs on one CPU that can need scratch space at once: process
+/// context, softirq, hardirq and NMI.
+const SCRATCH_LEVELS: u32 = 4;
 
-/// This CPU's scratch event, cleared.
+/// Per-CPU space to build one event in, one slot per nesting level: an Event does not fit the
+/// 512-byte BPF stack next to everything else a program holds.
+#[map]
+static SCRATCH: PerCpuArray<Event> = PerCpuArray::with_max_entries(SCRATCH_LEVELS, 0);
+
+/// How many kalive programs on this CPU hold a scratch slot right now.
+#[map]
+static SCRATCH_DEPTH: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
+
+/// A scratch event of this CPU's current nesting level; the slot is released on drop. A program
+/// that interrupts another one on the same CPU gets the next slot, so neither overwrites the
+/// other's event.
+pub struct ScratchEvent {
+    depth: *mut u32,
+    event: *mut Event,
+}
+
+impl core::ops::Deref for ScratchEvent {
+    type Target = Event;
+    fn deref(&self) -> &Event {
+        // SAFETY: this nesting level's slot, valid for the program run.
+        unsafe { &*self.event }
+    }
+}
+
+impl core::ops::DerefMut for ScratchEvent {
+    fn deref_mut(&mut self) -> &mut Event {
+        // SAFETY: as in deref; only this level uses the slot until the guard drops.
+        unsafe { &mut *self.event }
+    }
+}
+
+impl Drop for ScratchEvent {
+    fn drop(&mut self) {
+        // SAFETY: this CPU's depth counter; programs nested inside this one have restored it.
+        unsafe { *self.depth -= 1 };
+    }
+}
+
+/// This CPU's scratch event for the current nesting level, cleared. None (counted) only if more
+/// than SCRATCH_LEVELS kalive programs are nested.
 #[inline(always)]
-pub fn scratch_event() -> Option<&'static mut Event> {
-    let event = SCRATCH.get_ptr_mut(0)?;
-    // SAFETY: this CPU's slot; programs of one CPU do not run inside each other here.
-    let event = unsafe { &mut *event };
-    *event = Event::default();
-    Some(event)
+pub fn scratch_event() -> Option<ScratchEvent> {
+    let depth = SCRATCH_DEPTH.get_ptr_mut(0)?;
+    // SAFETY: this CPU's counter; a nested program increments and decrements it before this one
+    // resumes, so the value read here is never stale when written back.
+    let level = unsafe { *depth };
+    if level >= SCRATCH_LEVELS {
+        count_drop(drop_reason::SCRATCH_NESTED);
+        return None;
+    }
+    let event = SCRATCH.get_ptr_mut(level)?;
+    // SAFETY: as above.
+    unsafe { *depth = level + 1 };
+    let mut scratch = ScratchEvent { depth, event };
+    *scratch = Event::default();
+    Some(scratch)
 }
 
 /// Sends one event; a full ring buffer is counted, never silent.

@@ -91,16 +91,21 @@ fn record(run: &TimerRun) {
     let answered_in_run = rcv_tstamp_after != run.rcv_tstamp_before;
     let probe_sent = was_connected && (probes_out_after > run.probes_out_before || answered_in_run);
     // inet_sock_set_state reports the close, but its program is skipped when it is already
-    // running on this CPU (a process-context close interrupted by this timer): the state after
-    // the run says it too.
-    let closed = run.closed != 0 || (was_connected && state_after == tcp_state::CLOSE);
+    // running on this CPU (a process-context close interrupted by this timer): then a socket
+    // that is closed after the run with an error set was closed by it (a close by the
+    // application on another CPU right after the run leaves no error).
+    let sk_err = read_uint(sock, sock_field!(sk_err)) as i32;
+    let closed = run.closed != 0
+        || (was_connected
+            && state_after == tcp_state::CLOSE
+            && (sk_err != 0 || run.reset_sent != 0));
     let close_error = if run.close_error == 0 && closed {
-        read_uint(sock, sock_field!(sk_err)) as i32
+        sk_err
     } else {
         run.close_error
     };
 
-    let Some(event) = scratch_event() else {
+    let Some(mut event) = scratch_event() else {
         return;
     };
     let entry = CONNECTIONS.get_ptr_mut(sock);
@@ -213,7 +218,7 @@ fn record(run: &TimerRun) {
     event.reset_reason = run.reset_sent_reason;
     event.old_state = run.state_before;
     event.probes_out_before = run.probes_out_before;
-    emit(event);
+    emit(&event);
 }
 
 /// The socket's effective keepalive settings: a 0 in the socket means the netns sysctl.
