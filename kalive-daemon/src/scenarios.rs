@@ -12,7 +12,7 @@ use std::{
     collections::BTreeMap,
     fs::File,
     io,
-    net::{TcpListener, TcpStream},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, TcpListener, TcpStream},
     os::{
         fd::{AsFd, AsRawFd, FromRawFd, OwnedFd},
         unix::fs::MetadataExt,
@@ -370,8 +370,12 @@ pub struct Expected {
     pub probes: u64,
     /// Effective (idle s, interval s, count), when the scenario checks them.
     pub settings: Option<(u64, u64, u32)>,
-    /// The remote address must be IPv6.
-    pub ipv6: bool,
+    /// The peer's address, as the application connected to it.
+    pub remote: IpAddr,
+    /// Probes kalive may count as answered: (at least, at most).
+    pub answered: (u64, u64),
+    /// Probes outstanding when the connection ended, when the scenario knows it.
+    pub outstanding: Option<u32>,
 }
 
 /// One scenario's ground truth: what the kernel counted and what each connection must end as.
@@ -435,7 +439,13 @@ fn alive() -> Truth {
             error: 0,
             probes: kernel.keepalive_probes,
             settings: Some((1, 1, 3)),
-            ipv6: false,
+            remote: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            // On loopback the last answer can arrive just after the close.
+            answered: (
+                kernel.keepalive_probes.saturating_sub(1),
+                kernel.keepalive_probes,
+            ),
+            outstanding: None,
         }],
     ))
 }
@@ -459,7 +469,9 @@ fn dead() -> Truth {
             error,
             probes: FAST.count as u64,
             settings: Some((1, 1, 3)),
-            ipv6: false,
+            remote: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            answered: (0, 0),
+            outstanding: Some(FAST.count as u32),
         }],
     ))
 }
@@ -489,7 +501,9 @@ fn rebooted() -> Truth {
             error,
             probes: 1,
             settings: None,
-            ipv6: false,
+            remote: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            answered: (0, 1),
+            outstanding: None,
         }],
     ))
 }
@@ -536,7 +550,9 @@ fn ipv6() -> Truth {
                 error: 0,
                 probes: 1,
                 settings: Some((1, 30, 3)),
-                ipv6: true,
+                remote: IpAddr::V6(Ipv6Addr::LOCALHOST),
+                answered: (0, 1),
+                outstanding: None,
             },
             Expected {
                 role: "dead6",
@@ -545,7 +561,9 @@ fn ipv6() -> Truth {
                 error,
                 probes: FAST.count as u64,
                 settings: Some((1, 1, 3)),
-                ipv6: true,
+                remote: IpAddr::V6(Ipv6Addr::LOCALHOST),
+                answered: (0, 0),
+                outstanding: Some(FAST.count as u32),
             },
         ],
     ))
@@ -593,7 +611,9 @@ fn settings() -> Truth {
             error,
             probes: u64::from(count),
             settings: Some((idle, interval, count)),
-            ipv6: false,
+            remote: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            answered: (0, 0),
+            outstanding: Some(count),
         });
     }
     std::thread::sleep(Duration::from_millis(100));
@@ -691,6 +711,24 @@ fn compare(
             totals.keepalive_timeouts, kernel.aborts_on_timeout
         ));
     }
+    let count =
+        |outcome: PeerState| run.expected.iter().filter(|e| e.outcome == outcome).count() as u64;
+    if kernel.aborts_on_timeout != count(PeerState::Dead) {
+        return Err(format!(
+            "the kernel aborted {} connections on timeout where the scenario has {} dead: the \
+             guest kernel behaved unexpectedly",
+            kernel.aborts_on_timeout,
+            count(PeerState::Dead)
+        ));
+    }
+    if totals.resets_received_during_probe != count(PeerState::Rebooted) {
+        return Err(format!(
+            "RSTs received during a probe: kalive {} vs {} rebooted peer(s) (each answered a \
+             probe with an RST, ECONNRESET)",
+            totals.resets_received_during_probe,
+            count(PeerState::Rebooted)
+        ));
+    }
     let expected_probes: u64 = run.expected.iter().map(|e| e.probes).sum();
     if expected_probes != kernel.keepalive_probes {
         return Err(format!(
@@ -760,8 +798,29 @@ fn compare(
                 );
             }
         }
-        if want.ipv6 && !conn.remote.is_ipv6() {
-            return mismatch("remote family", conn.remote.to_string(), "IPv6".to_owned());
+        if conn.remote.ip() != want.remote {
+            return mismatch(
+                "remote address",
+                conn.remote.to_string(),
+                want.remote.to_string(),
+            );
+        }
+        let (least, most) = want.answered;
+        if !(least..=most).contains(&conn.probes_answered) {
+            return mismatch(
+                "probes answered",
+                conn.probes_answered.to_string(),
+                format!("{least}..={most}"),
+            );
+        }
+        if let Some(outstanding) = want.outstanding {
+            if conn.probes_outstanding != outstanding {
+                return mismatch(
+                    "probes outstanding at the end",
+                    conn.probes_outstanding.to_string(),
+                    outstanding.to_string(),
+                );
+            }
         }
         connections.push(ConnResult {
             role: want.role,
