@@ -452,6 +452,13 @@ fn boot(kernel: &Kernel, guest: &Path, work: &Path) -> Result<Vec<String>> {
         let _ = stdout.read_to_end(&mut bytes);
         bytes
     });
+    // stderr is drained while QEMU runs too: a full pipe would stall it until the time limit.
+    let mut stderr_pipe = child.stderr.take().context("qemu has no stderr")?;
+    let stderr_reader = std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = stderr_pipe.read_to_string(&mut text);
+        text
+    });
     let deadline = Instant::now() + BOOT_TIMEOUT;
     let status = loop {
         if let Some(status) = child.try_wait()? {
@@ -465,11 +472,8 @@ fn boot(kernel: &Kernel, guest: &Path, work: &Path) -> Result<Vec<String>> {
         std::thread::sleep(Duration::from_millis(200));
     };
     let bytes = reader.join().unwrap_or_default();
-    let mut stderr = String::new();
-    if let Some(mut pipe) = child.stderr.take() {
-        let _ = pipe.read_to_string(&mut stderr);
-    }
-    fs::write(&log, &bytes)?;
+    let stderr = stderr_reader.join().unwrap_or_default();
+    fs::write(&log, &bytes).with_context(|| format!("cannot write {}", log.display()))?;
     let text = String::from_utf8_lossy(&bytes);
     let lines: Vec<String> = text
         .lines()
