@@ -82,8 +82,10 @@ pub enum LoadError {
         name: &'static str,
     },
     #[error(
-        "attaching to the raw tracepoint {name} failed: {source}. kalive needs it (Linux 5.15 \
-         or newer); run as root"
+        "attaching to the raw tracepoint {name} failed: {source}. \"Operation not permitted\" \
+         means the daemon needs root (or CAP_BPF and CAP_PERFMON); \"Invalid argument\" means the \
+         program reads an argument this kernel's tracepoint does not pass: please report the \
+         kernel version (kalive supports Linux 5.15 or newer)"
     )]
     Tracepoint {
         name: &'static str,
