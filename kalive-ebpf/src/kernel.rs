@@ -1,10 +1,10 @@
 //! Reading the running kernel's structs with offsets that user space resolved from BTF and set as
 //! globals before load.
 
-use aya_ebpf::helpers::{bpf_probe_read_kernel, bpf_probe_read_kernel_buf};
+use aya_ebpf::helpers::{bpf_probe_read_kernel_buf, generated};
 use kalive_common::{drop_reason, Field, SockLayout};
 
-use crate::maps::count_drop;
+use crate::maps::{add_drops, count_drop};
 
 const ZERO_FIELD: Field = Field { offset: 0, size: 0 };
 
@@ -64,27 +64,29 @@ pub fn keepalive_timer_fn() -> u64 {
 }
 
 /// Reads an integer member of 1, 2, 4 or 8 bytes at `base + field.offset`, zero-extended.
-/// A failed read counts a READ_FAILED drop and gives 0.
+/// A failed read counts a READ_FAILED drop and gives 0 (the helper zeroes its destination).
+///
+/// Branch-free on purpose: a `match` on the result forks the verifier's state at every read, and
+/// Linux 6.1's verifier then gave up on the timer programs (a million instructions processed).
 #[inline(always)]
 pub fn read_uint(base: u64, field: Field) -> u64 {
     let address = base.wrapping_add(u64::from(field.offset));
-    // SAFETY: bpf_probe_read_kernel checks the address and fails instead of faulting.
-    let value = unsafe {
-        match field.size {
-            1 => bpf_probe_read_kernel(address as *const u8).map(u64::from),
-            2 => bpf_probe_read_kernel(address as *const u16).map(u64::from),
-            4 => bpf_probe_read_kernel(address as *const u32).map(u64::from),
-            8 => bpf_probe_read_kernel(address as *const u64),
-            _ => return 0,
-        }
+    let mut value: u64 = 0;
+    // The sizes come from BTF (1, 2, 4 or 8) and are constants to the verifier; clamping keeps
+    // the destination in bounds whatever they are. Little-endian: the first `size` bytes of
+    // `value` are the member, zero-extended.
+    let size = if field.size > 8 { 8 } else { field.size };
+    // SAFETY: bpf_probe_read_kernel checks the source address and writes at most `size` (<= 8)
+    // bytes into `value`.
+    let result = unsafe {
+        generated::bpf_probe_read_kernel(
+            (&mut value as *mut u64).cast(),
+            size,
+            address as *const core::ffi::c_void,
+        )
     };
-    match value {
-        Ok(value) => value,
-        Err(_) => {
-            count_drop(drop_reason::READ_FAILED);
-            0
-        }
-    }
+    add_drops(drop_reason::READ_FAILED, u64::from(result < 0));
+    value
 }
 
 /// Reads `out.len()` bytes at `base + field.offset` (an address); leaves zeros when absent.
