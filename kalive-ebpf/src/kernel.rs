@@ -4,7 +4,7 @@
 use aya_ebpf::helpers::{bpf_probe_read_kernel_buf, generated};
 use kalive_common::{drop_reason, Field, SockLayout};
 
-use crate::maps::{add_drops, count_drop};
+use crate::maps::count_drop;
 
 const ZERO_FIELD: Field = Field { offset: 0, size: 0 };
 
@@ -66,8 +66,9 @@ pub fn keepalive_timer_fn() -> u64 {
 /// Reads an integer member of 1, 2, 4 or 8 bytes at `base + field.offset`, zero-extended.
 /// A failed read counts a READ_FAILED drop and gives 0 (the helper zeroes its destination).
 ///
-/// Branch-free on purpose: a `match` on the result forks the verifier's state at every read, and
-/// Linux 6.1's verifier then gave up on the timer programs (a million instructions processed).
+/// The value does not depend on the result: a `match` returning 0 or the value forked the
+/// verifier's state at every read, and Linux 6.1's verifier then gave up on the timer programs
+/// (a million instructions processed).
 #[inline(always)]
 pub fn read_uint(base: u64, field: Field) -> u64 {
     let address = base.wrapping_add(u64::from(field.offset));
@@ -85,7 +86,11 @@ pub fn read_uint(base: u64, field: Field) -> u64 {
             address as *const core::ffi::c_void,
         )
     };
-    add_drops(drop_reason::READ_FAILED, u64::from(result < 0));
+    // Only the count depends on the result, not `value`, so both paths rejoin in one state; a
+    // failure is rare, and this runs for every timer in the system (tracepoint mode).
+    if result < 0 {
+        count_drop(drop_reason::READ_FAILED);
+    }
     value
 }
 

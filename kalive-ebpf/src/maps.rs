@@ -31,15 +31,9 @@ pub static TIMER_RUNS: PerCpuArray<TimerRun> = PerCpuArray::with_max_entries(1, 
 /// same instant.
 #[inline(always)]
 pub fn count_drop(reason: u32) {
-    add_drops(reason, 1);
-}
-
-/// Adds `lost` (possibly 0) to a loss counter without branching on it.
-#[inline(always)]
-pub fn add_drops(reason: u32, lost: u64) {
     if let Some(counter) = DROPS.get_ptr_mut(reason) {
         // SAFETY: a valid, aligned per-CPU u64 for this program run.
-        unsafe { *counter += lost };
+        unsafe { *counter += 1 };
     }
 }
 
