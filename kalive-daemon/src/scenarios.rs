@@ -682,7 +682,7 @@ pub async fn verify(
 }
 
 /// Ended connections of one namespace, oldest first.
-fn ended_in(table: &ConnectionTable, netns: u32) -> Vec<EndedConnection> {
+pub fn ended_in(table: &ConnectionTable, netns: u32) -> Vec<EndedConnection> {
     let mut ended: Vec<_> = table
         .ended()
         .filter(|e| e.connection.netns == netns)

@@ -13,7 +13,6 @@ use std::{net::TcpStream, time::Duration};
 use kalive_daemon::{
     classify::PeerState,
     scenarios::{self, Scenario, FAST},
-    table::Totals,
 };
 use support::*;
 
@@ -67,17 +66,6 @@ fn different_settings_at_once_and_sysctl_defaults() {
     shared_scenario(
         "different_settings_at_once_and_sysctl_defaults",
         Scenario::Settings,
-    );
-}
-
-fn assert_matches_kernel(kalive: &Totals, kernel: KernelDelta) {
-    assert_eq!(
-        kalive.probes_sent, kernel.keepalive_probes,
-        "probes sent: kalive {kalive:?} vs kernel {kernel:?}"
-    );
-    assert_eq!(
-        kalive.keepalive_timeouts, kernel.aborts_on_timeout,
-        "keepalive timeouts: kalive {kalive:?} vs kernel {kernel:?}"
     );
 }
 

@@ -248,15 +248,7 @@ impl Kalive {
 
     /// Ended connections of one namespace, oldest first.
     pub fn ended(&self, netns: u32) -> Vec<EndedConnection> {
-        let state = self.collector().state.lock();
-        let mut ended: Vec<_> = state
-            .table
-            .ended()
-            .filter(|e| e.connection.netns == netns)
-            .cloned()
-            .collect();
-        ended.reverse();
-        ended
+        kalive_daemon::scenarios::ended_in(&self.collector().state.lock().table, netns)
     }
 
     pub fn live(&self, netns: u32) -> Vec<kalive_daemon::table::Connection> {
@@ -452,4 +444,16 @@ impl Drop for KillOnDrop {
         unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
         let _ = self.0.wait();
     }
+}
+
+/// kalive's probes and keepalive timeouts equal the kernel's TcpExt deltas.
+pub fn assert_matches_kernel(kalive: &Totals, kernel: KernelDelta) {
+    assert_eq!(
+        kalive.probes_sent, kernel.keepalive_probes,
+        "probes sent: kalive {kalive:?} vs kernel {kernel:?}"
+    );
+    assert_eq!(
+        kalive.keepalive_timeouts, kernel.aborts_on_timeout,
+        "keepalive timeouts: kalive {kalive:?} vs kernel {kernel:?}"
+    );
 }
