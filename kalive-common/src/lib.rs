@@ -121,7 +121,7 @@ pub const IPPROTO_TCP: u32 = 6;
 /// ending in `_ns` are `bpf_ktime_get_boot_ns` (CLOCK_BOOTTIME).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct ConnState {
+pub struct ConnRecord {
     /// When the programs first saw this socket; with the socket address it identifies the connection.
     pub first_seen_ns: u64,
     pub last_run_ns: u64,
@@ -156,7 +156,7 @@ pub struct ConnState {
     pub _pad: u32,
 }
 
-/// What happened, in `Event::kind`.
+/// What happened, in `KernelEvent::kind`.
 pub mod event_kind {
     /// A keepalive timer run that did something (first sighting, probe, answer, timeout, failure).
     pub const TIMER_RUN: u32 = 1;
@@ -170,7 +170,7 @@ pub mod event_kind {
     pub const CLOSED: u32 = 5;
 }
 
-/// Bits of `Event::flags`.
+/// Bits of `KernelEvent::flags`.
 pub mod event_flag {
     /// The programs saw this connection for the first time in this run.
     pub const FIRST_SEEN: u32 = 1 << 0;
@@ -205,7 +205,7 @@ pub const REASON_UNKNOWN: u32 = u32::MAX;
 /// One record in the EVENTS ring buffer.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Event {
+pub struct KernelEvent {
     pub kind: u32,
     pub flags: u32,
     /// Kernel address of the socket: with `conn.first_seen_ns`, the connection's key. Never shown.
@@ -219,7 +219,7 @@ pub struct Event {
     pub old_state: u32,
     /// icsk_probes_out when the event began.
     pub probes_out_before: u32,
-    pub conn: ConnState,
+    pub conn: ConnRecord,
 }
 
 /// Indexes of the per-CPU DROPS counters: every place the programs can lose something.
@@ -235,6 +235,41 @@ pub mod drop_reason {
     /// More kalive programs nested on one CPU than there are scratch slots.
     pub const SCRATCH_NESTED: u32 = 4;
     pub const COUNT: u32 = 5;
+}
+
+/// Every stage where an event can be lost, named as `kalive_events_lost_total{stage}` names it:
+/// the kernel's drop reasons (by `drop_reason` index), then what only the daemon can see.
+pub mod loss_stage {
+    use super::drop_reason;
+
+    /// The name of each kernel drop reason, indexed by `drop_reason`.
+    pub const KERNEL: [&str; drop_reason::COUNT as usize] = [
+        "ringbuf_full",
+        "map_insert_failed",
+        "kernel_read_failed",
+        "timer_run_mismatch",
+        "scratch_nested",
+    ];
+    /// Runs of kalive's programs the kernel skipped (their `recursion_misses`).
+    pub const PROGRAM_SKIPPED: &str = "program_skipped";
+    /// Ring buffer records the daemon could not decode.
+    pub const DECODE: &str = "decode";
+
+    /// Every stage, kernel ones first.
+    pub const ALL: [&str; drop_reason::COUNT as usize + 2] = [
+        KERNEL[0],
+        KERNEL[1],
+        KERNEL[2],
+        KERNEL[3],
+        KERNEL[4],
+        PROGRAM_SKIPPED,
+        DECODE,
+    ];
+
+    /// The name of a kernel drop reason; None for an index the kernel programs do not use.
+    pub fn kernel(reason: u32) -> Option<&'static str> {
+        KERNEL.get(reason as usize).copied()
+    }
 }
 
 /// Per-CPU scratch for the keepalive timer run in progress on that CPU.
@@ -256,11 +291,11 @@ pub struct TimerRun {
     pub reset_sent: u32,
 }
 
-const _: () = assert!(core::mem::size_of::<Field>() == 8);
-const _: () = assert!(core::mem::size_of::<ConnState>() == 136);
-const _: () = assert!(core::mem::size_of::<Event>() == 40 + 136);
-const _: () = assert!(core::mem::size_of::<SockLayout>() == 27 * 8 + 8);
-const _: () = assert!(core::mem::size_of::<TimerRun>() == 56);
+const _: () = assert!(size_of::<Field>() == 8);
+const _: () = assert!(size_of::<ConnRecord>() == 136);
+const _: () = assert!(size_of::<KernelEvent>() == 40 + 136);
+const _: () = assert!(size_of::<SockLayout>() == 27 * 8 + 8);
+const _: () = assert!(size_of::<TimerRun>() == 56);
 
 #[cfg(feature = "user")]
 mod user {
@@ -270,7 +305,7 @@ mod user {
     // (their sizes are asserted above).
     unsafe impl aya::Pod for Field {}
     unsafe impl aya::Pod for SockLayout {}
-    unsafe impl aya::Pod for ConnState {}
-    unsafe impl aya::Pod for Event {}
+    unsafe impl aya::Pod for ConnRecord {}
+    unsafe impl aya::Pod for KernelEvent {}
     unsafe impl aya::Pod for TimerRun {}
 }

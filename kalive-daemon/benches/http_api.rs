@@ -4,19 +4,14 @@
 //!
 //! Run: `cargo bench -p kalive-daemon --bench http_api` (results: README, "Performance").
 
-#[path = "../tests/support/server.rs"]
-mod server;
-#[path = "../tests/support/synthetic.rs"]
-mod synthetic;
-
 use std::time::{Duration, Instant};
 
-use kalive_daemon::{
+use kalive_daemon::export::{
     http::Limits,
     metrics::{ExtraLabel, SeriesOptions},
     web_config::WebConfig,
 };
-use server::Server;
+use kalive_testkit::{fixtures as synthetic, server::Server};
 
 /// Median time and answer size of `rounds` GETs of `target`.
 fn measure(server: &Server, target: &str, rounds: usize) -> (Duration, usize) {

@@ -1,7 +1,9 @@
 //! The collector: loads and attaches the kernel programs, drains the ring buffer into the
-//! connection table, reads the kernel's drop counters, and logs each probe and outcome.
+//! connection table and the metrics, reads the kernel's loss counters, and logs each probe and
+//! outcome. What it collects (`Collected`) is shared with the HTTP server behind one lock.
 
 use std::{
+    fmt,
     os::fd::AsRawFd,
     sync::{Arc, Mutex, MutexGuard},
     time::{Duration, Instant},
@@ -11,17 +13,23 @@ use aya::{
     maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf},
     Ebpf,
 };
-use kalive_common::{drop_reason, limits, names, ConnState};
+use kalive_common::{drop_reason, limits, loss_stage, names, ConnRecord};
 use tokio::{io::unix::AsyncFd, task::JoinHandle};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    event::decode,
-    loader::{load_and_attach, HookMode, LoadError},
-    metrics::{Metrics, SeriesOptions},
-    program_stats::ProgramHandles,
-    report::log_notice,
-    table::{ConnectionTable, Notice},
+    export::{
+        api::DaemonInfo,
+        logfmt::log_notice,
+        metrics::{Metrics, SeriesOptions},
+    },
+    kernel::{
+        decode::decode,
+        loader::{load_and_attach, AttachError, HookMode, LoadError},
+        procfs::{kernel_release, process_start_boot_ns},
+        program_stats::ProgramHandles,
+    },
+    tracking::table::{Applied, ConnectionTable},
 };
 
 /// How often the kernel's drop counters are read (also the drain loop's longest sleep).
@@ -40,20 +48,52 @@ pub struct Health {
     pub stopped: Option<String>,
 }
 
+/// Why the collector is not healthy.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Unhealthy {
+    /// The collector stopped, for this reason.
+    Stopped(String),
+    /// The drain loop has been silent this long.
+    Stale(Duration),
+}
+
+impl fmt::Display for Unhealthy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Unhealthy::Stopped(reason) => write!(f, "the collector stopped: {reason}"),
+            Unhealthy::Stale(silent) => write!(
+                f,
+                "the ring buffer has not been drained for {:.1} s",
+                silent.as_secs_f64()
+            ),
+        }
+    }
+}
+
 impl Health {
-    /// Ok with a summary, or Err with the reason the collector is unhealthy.
-    pub fn check(&self, now: Instant) -> Result<(), String> {
+    pub fn new() -> Health {
+        Health {
+            last_drain: Instant::now(),
+            stopped: None,
+        }
+    }
+
+    /// Ok, or why the collector is unhealthy at `now`.
+    pub fn check(&self, now: Instant) -> Result<(), Unhealthy> {
         if let Some(reason) = &self.stopped {
-            return Err(format!("the collector stopped: {reason}"));
+            return Err(Unhealthy::Stopped(reason.clone()));
         }
         let silent = now.saturating_duration_since(self.last_drain);
         if silent > DRAIN_STALE_AFTER {
-            return Err(format!(
-                "the ring buffer has not been drained for {:.1} s",
-                silent.as_secs_f64()
-            ));
+            return Err(Unhealthy::Stale(silent));
         }
         Ok(())
+    }
+}
+
+impl Default for Health {
+    fn default() -> Self {
+        Health::new()
     }
 }
 
@@ -69,39 +109,31 @@ pub struct CollectorStats {
     pub program_stats_failed: bool,
 }
 
-/// The table, the metrics and the collector's counters, behind one lock.
-pub struct State {
+/// Everything the collector keeps and the HTTP server reads.
+pub struct Collected {
     pub table: ConnectionTable,
     pub stats: CollectorStats,
     pub metrics: Metrics,
     pub health: Health,
     /// The hook mode in use.
     pub mode: HookMode,
+    pub info: DaemonInfo,
 }
 
+/// `Collected` behind one lock, shared by the collector and the HTTP server.
 #[derive(Clone)]
-pub struct SharedState(Arc<Mutex<State>>);
+pub struct Shared(Arc<Mutex<Collected>>);
 
-impl SharedState {
-    /// A state no kernel feeds: for the HTTP server's tests and benchmarks.
-    pub fn detached(table: ConnectionTable, metrics: Metrics, mode: HookMode) -> SharedState {
-        SharedState(Arc::new(Mutex::new(State {
-            table,
-            stats: CollectorStats::default(),
-            metrics,
-            health: Health {
-                last_drain: Instant::now(),
-                stopped: None,
-            },
-            mode,
-        })))
+impl Shared {
+    pub fn new(collected: Collected) -> Shared {
+        Shared(Arc::new(Mutex::new(collected)))
     }
 
-    /// The state; a panic while it was held does not make it unreadable.
-    pub fn lock(&self) -> MutexGuard<'_, State> {
+    /// The collected data; a panic while it was held does not make it unreadable.
+    pub fn lock(&self) -> MutexGuard<'_, Collected> {
         self.0
             .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 
@@ -117,10 +149,18 @@ pub enum CollectorError {
         #[source]
         source: aya::maps::MapError,
     },
-    #[error("watching the ring buffer failed: {0}")]
+    #[error(
+        "watching the ring buffer failed: {0}; restart kalive-daemon (if it repeats, report it \
+         with the kernel version)"
+    )]
     Poll(#[source] std::io::Error),
     #[error("setting up the metrics failed: {0}")]
     Metrics(#[from] prometheus::Error),
+    #[error(
+        "the collector task ended unexpectedly ({0}); restart kalive-daemon and report the log \
+         above"
+    )]
+    Task(#[source] tokio::task::JoinError),
 }
 
 pub struct CollectorOptions {
@@ -134,11 +174,9 @@ pub struct CollectorOptions {
 
 /// A running collector. Dropping it detaches the programs.
 pub struct Collector {
-    pub state: SharedState,
+    pub shared: Shared,
     pub mode: HookMode,
-    pub rejected_modes: Vec<(HookMode, String)>,
-    /// The attached programs' names and kernel ids (as `bpftool prog show` lists them).
-    pub program_ids: Vec<(&'static str, u32)>,
+    pub rejected_modes: Vec<(HookMode, AttachError)>,
     task: JoinHandle<Result<(), CollectorError>>,
     _ebpf: Ebpf,
 }
@@ -164,37 +202,33 @@ impl Collector {
             })?;
         let connections = take_map(&mut ebpf, names::MAP_CONNECTIONS)?;
         let connections =
-            BpfHashMap::<MapData, u64, ConnState>::try_from(connections).map_err(|source| {
+            BpfHashMap::<MapData, u64, ConnRecord>::try_from(connections).map_err(|source| {
                 CollectorError::Map {
                     name: names::MAP_CONNECTIONS,
                     source,
                 }
             })?;
         let metrics = Metrics::new(options.series)?;
+        let kernel = kernel_release();
         metrics.set_hook(loaded.mode.name(), &loaded.programs);
-        metrics.set_build(env!("CARGO_PKG_VERSION"), &kernel_release());
-        let state = SharedState(Arc::new(Mutex::new(State {
+        metrics.set_build(env!("CARGO_PKG_VERSION"), &kernel);
+        let shared = Shared::new(Collected {
             table: ConnectionTable::new(loaded.units, options.history_limit),
             stats: CollectorStats::default(),
             metrics,
-            health: Health {
-                last_drain: Instant::now(),
-                stopped: None,
-            },
+            health: Health::new(),
             mode: loaded.mode,
-        })));
+            info: DaemonInfo {
+                version: env!("CARGO_PKG_VERSION").to_owned(),
+                kernel,
+                started_boot_ns: process_start_boot_ns(),
+            },
+        });
         // SAFETY: the RingBuf owns its map fd, which stays open and unchanged until the AsyncFd
         // (and with it the RingBuf) is dropped.
         let ring = unsafe { AsyncFd::register(ring) }
             .map_err(|err| CollectorError::Poll(std::io::Error::from(err)))?;
         let programs = ProgramHandles::new(&ebpf, &loaded.programs);
-        let program_ids = programs.ids().unwrap_or_else(|err| {
-            log::warn!(
-                "reading the programs' kernel ids failed: {err}; they only serve to compare \
-                 skipped runs with bpftool, collection goes on"
-            );
-            Vec::new()
-        });
         let task = tokio::spawn(drain_until_stopped(
             Kernel {
                 ring,
@@ -202,15 +236,14 @@ impl Collector {
                 programs,
                 connections,
             },
-            state.clone(),
+            shared.clone(),
             cancel,
             options.log_probes,
         ));
         Ok(Self {
-            state,
+            shared,
             mode: loaded.mode,
             rejected_modes: loaded.rejected,
-            program_ids,
             task,
             _ebpf: ebpf,
         })
@@ -221,31 +254,7 @@ impl Collector {
         let Collector { task, _ebpf, .. } = self;
         let result = task.await;
         drop(_ebpf);
-        match result {
-            Ok(result) => result,
-            Err(join) => Err(CollectorError::Poll(std::io::Error::other(
-                join.to_string(),
-            ))),
-        }
-    }
-
-    /// Runs `check` on the state every 50 ms until it returns true or `timeout` passes;
-    /// returns the last answer. For callers that wait for the kernel to report something.
-    pub async fn wait_until(
-        &self,
-        timeout: Duration,
-        mut check: impl FnMut(&State) -> bool,
-    ) -> bool {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if check(&self.state.lock()) {
-                return true;
-            }
-            if Instant::now() >= deadline {
-                return false;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        result.map_err(CollectorError::Task)?
     }
 }
 
@@ -258,18 +267,18 @@ struct Kernel {
     ring: AsyncFd<RingBuf<MapData>>,
     drops: PerCpuArray<MapData, u64>,
     programs: ProgramHandles,
-    connections: BpfHashMap<MapData, u64, ConnState>,
+    connections: BpfHashMap<MapData, u64, ConnRecord>,
 }
 
 /// Drains until cancelled or failed, and records why it stopped for /healthz.
 async fn drain_until_stopped(
     kernel: Kernel,
-    state: SharedState,
+    shared: Shared,
     cancel: CancellationToken,
     log_probes: bool,
 ) -> Result<(), CollectorError> {
-    let result = drain(kernel, &state, cancel, log_probes).await;
-    state.lock().health.stopped = Some(match &result {
+    let result = drain(kernel, &shared, cancel, log_probes).await;
+    shared.lock().health.stopped = Some(match &result {
         Ok(()) => "kalive-daemon is shutting down".to_owned(),
         Err(err) => err.to_string(),
     });
@@ -278,7 +287,7 @@ async fn drain_until_stopped(
 
 async fn drain(
     mut kernel: Kernel,
-    state: &SharedState,
+    shared: &Shared,
     cancel: CancellationToken,
     log_probes: bool,
 ) -> Result<(), CollectorError> {
@@ -291,113 +300,105 @@ async fn drain(
     loop {
         tokio::select! {
             () = cancel.cancelled() => {
-                drain_ready(kernel.ring.get_mut(), state, log_probes);
+                drain_ready(kernel.ring.get_mut(), shared, log_probes);
                 return Ok(());
             }
             guard = kernel.ring.readable_mut() => {
                 let mut guard = guard.map_err(CollectorError::Poll)?;
-                drain_ready(guard.get_inner_mut(), state, log_probes);
+                drain_ready(guard.get_inner_mut(), shared, log_probes);
                 guard.clear_ready();
             }
             _ = drop_poll.tick() => {
-                read_drops(&kernel.drops, state);
-                read_program_skips(&kernel.programs, state);
+                read_drops(&kernel.drops, shared);
+                read_program_skips(&kernel.programs, shared);
             }
-            _ = map_count_poll.tick() => count_connections(&kernel.connections, state),
+            _ = map_count_poll.tick() => count_connections(&kernel.connections, shared),
         }
-        state.lock().health.last_drain = Instant::now();
+        shared.lock().health.last_drain = Instant::now();
     }
 }
 
 /// Counts the entries of the kernel's connections map (LRU: the kernel evicts the oldest when
 /// it is full, so a full map means connections are being forgotten).
-fn count_connections(connections: &BpfHashMap<MapData, u64, ConnState>, state: &SharedState) {
+fn count_connections(connections: &BpfHashMap<MapData, u64, ConnRecord>, shared: &Shared) {
     let entries = connections.keys().filter(Result::is_ok).count();
-    state.lock().metrics.set_map(
+    shared.lock().metrics.set_map(
         "kernel_connections",
         entries,
         limits::MAX_CONNECTIONS as usize,
     );
 }
 
-/// The running kernel's release, as `uname -r` prints it.
-pub fn kernel_release() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/osrelease")
-        .map(|release| release.trim().to_owned())
-        .unwrap_or_else(|_| "unknown".to_owned())
-}
-
-fn drain_ready(ring: &mut RingBuf<MapData>, state: &SharedState, log_probes: bool) {
-    let mut notices: Vec<Notice> = Vec::new();
+fn drain_ready(ring: &mut RingBuf<MapData>, shared: &Shared, log_probes: bool) {
+    let mut applied = Applied::default();
     {
-        let mut guard = state.lock();
-        let state = &mut *guard;
+        let mut guard = shared.lock();
+        let collected = &mut *guard;
         while let Some(record) = ring.next() {
             match decode(&record) {
-                Ok(event) => notices.extend(state.table.apply(&event)),
+                Ok(event) => applied.extend(collected.table.apply(&event)),
                 Err(err) => {
-                    state.stats.decode_errors += 1;
-                    state.metrics.add_lost("decode", 1);
-                    if state.stats.decode_errors == 1 {
+                    collected.stats.decode_errors += 1;
+                    collected.metrics.add_lost(loss_stage::DECODE, 1);
+                    if collected.stats.decode_errors == 1 {
                         log::error!("{err}");
                     }
                 }
             }
         }
-        for tally in state.table.take_tallies() {
-            state.metrics.record(&tally);
+        for tally in &applied.tallies {
+            collected.metrics.record(tally);
         }
     }
-    for notice in &notices {
+    for notice in &applied.notices {
         log_notice(notice, log_probes);
     }
 }
 
-fn read_drops(drops: &PerCpuArray<MapData, u64>, state: &SharedState) {
+fn read_drops(drops: &PerCpuArray<MapData, u64>, shared: &Shared) {
     let mut totals = [0u64; drop_reason::COUNT as usize];
-    for (index, total) in totals.iter_mut().enumerate() {
-        match drops.get(&(index as u32), 0) {
+    for (index, total) in (0u32..).zip(totals.iter_mut()) {
+        match drops.get(&index, 0) {
             Ok(per_cpu) => *total = per_cpu.iter().sum(),
             Err(err) => log::warn!("reading kernel drop counter {index} failed: {err}"),
         }
     }
-    let mut state = state.lock();
-    for (reason, (old, new)) in state.stats.kernel_drops.iter().zip(totals).enumerate() {
+    let mut collected = shared.lock();
+    for (stage, (old, new)) in loss_stage::KERNEL
+        .iter()
+        .zip(collected.stats.kernel_drops.iter().zip(totals))
+    {
         if new > *old {
-            log::warn!(
-                "kernel programs lost {} event(s): {}",
-                new - old,
-                drop_name(reason as u32)
-            );
-            state.metrics.add_lost(drop_name(reason as u32), new - old);
+            log::warn!("kernel programs lost {} event(s): {stage}", new - old);
+            collected.metrics.add_lost(stage, new - old);
         }
     }
-    state.stats.kernel_drops = totals;
+    collected.stats.kernel_drops = totals;
 }
 
 /// Runs of kalive's programs that the kernel skipped (recursion_misses): lost events that no
 /// kalive counter could see. Each program's count is compared with its own last successful
 /// read, so a read that fails once does not count its misses twice later.
-fn read_program_skips(programs: &ProgramHandles, state: &SharedState) {
+fn read_program_skips(programs: &ProgramHandles, shared: &Shared) {
     let readings = programs.recursion_misses();
-    let mut state = state.lock();
+    let mut collected = shared.lock();
     let mut new_skips = 0u64;
     for (name, reading) in readings {
         match reading {
             Ok(misses) => {
-                let last = state.stats.programs_skipped.entry(name).or_insert(0);
+                let last = collected.stats.programs_skipped.entry(name).or_insert(0);
                 new_skips += misses.saturating_sub(*last);
                 *last = misses;
             }
             Err(err) => {
-                if !state.stats.program_stats_failed {
+                if !collected.stats.program_stats_failed {
                     log::warn!(
                         "reading the statistics of program {name} failed: {err}; its skipped \
                          runs are not counted until a read succeeds (check that the daemon still \
                          has CAP_BPF)"
                     );
                 }
-                state.stats.program_stats_failed = true;
+                collected.stats.program_stats_failed = true;
             }
         }
     }
@@ -406,19 +407,9 @@ fn read_program_skips(programs: &ProgramHandles, state: &SharedState) {
             "the kernel skipped {new_skips} run(s) of kalive's programs (another run of the same \
              program was in progress on that CPU); those events are lost"
         );
-        state.metrics.add_lost("program_skipped", new_skips);
-    }
-}
-
-/// What each kernel drop counter means, for logs and metrics.
-pub fn drop_name(reason: u32) -> &'static str {
-    match reason {
-        drop_reason::RINGBUF_FULL => "ringbuf_full",
-        drop_reason::MAP_INSERT_FAILED => "map_insert_failed",
-        drop_reason::READ_FAILED => "kernel_read_failed",
-        drop_reason::RUN_MISMATCH => "timer_run_mismatch",
-        drop_reason::SCRATCH_NESTED => "scratch_nested",
-        _ => "other",
+        collected
+            .metrics
+            .add_lost(loss_stage::PROGRAM_SKIPPED, new_skips);
     }
 }
 
@@ -434,20 +425,20 @@ mod tests {
             stopped: None,
         };
         assert_eq!(fresh.check(now + Duration::from_secs(1)), Ok(()));
-        let stale = fresh.check(now + DRAIN_STALE_AFTER + Duration::from_secs(2));
-        assert!(
-            stale
-                .as_ref()
-                .is_err_and(|reason| reason.contains("has not been drained for 7.0 s")),
-            "{stale:?}"
+        let stale = fresh
+            .check(now + DRAIN_STALE_AFTER + Duration::from_secs(2))
+            .unwrap_err();
+        assert_eq!(
+            stale.to_string(),
+            "the ring buffer has not been drained for 7.0 s"
         );
         let stopped = Health {
             stopped: Some("watching the ring buffer failed: EBADF".to_owned()),
             ..fresh
         };
         assert_eq!(
-            stopped.check(now),
-            Err("the collector stopped: watching the ring buffer failed: EBADF".to_owned())
+            stopped.check(now).unwrap_err().to_string(),
+            "the collector stopped: watching the ring buffer failed: EBADF"
         );
     }
 }

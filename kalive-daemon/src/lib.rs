@@ -1,30 +1,20 @@
-//! kalive-daemon: watches TCP keepalive from inside the kernel.
+//! kalive-daemon's library: the daemon that watches TCP keepalive from inside the kernel.
 //!
 //! Where things happen:
-//! - `loader`: loads the kernel programs (kalive-ebpf) with offsets from `btf_layout` and
-//!   attaches them in a hook mode;
-//! - kalive-ebpf's `timer_run.rs`: where a keepalive probe is counted, in the kernel;
-//! - `collector`: drains the ring buffer into the `table` and logs through `report`;
-//! - `classify`: the peer state rules (alive, probing, dead, rebooted, unreachable, reset, closed);
-//! - `top`: the live view (`kalive-daemon top`), a client of the HTTP API;
-//! - `scenarios` (feature `scenarios`): real keepalive scenarios checked against the kernel's
-//!   counters, shared by the privileged tests and the VM guest (`examples/vm_guest.rs`).
+//! - `kernel`: loads the kernel programs (kalive-ebpf) with this kernel's layouts, attaches them
+//!   in a hook mode, and decodes what they report; kalive-ebpf's `timer_run.rs` is where a
+//!   keepalive probe is counted;
+//! - `tracking`: the connection table, the peer-state rules (alive, probing, dead, rebooted,
+//!   unreachable, reset, closed), the history and the totals;
+//! - `export`: the HTTP server, its web config, the Prometheus metrics, the API bodies and the
+//!   logfmt lines;
+//! - `wire`: the JSON types the server sends and `kalive-daemon top` reads;
+//! - `collector`: drains the kernel's ring buffer into the table, the metrics and the log.
+//!
+//! The command line and `kalive-daemon top` live in the binary (`src/bin/kalive-daemon`).
 
-pub mod api;
-pub mod btf_layout;
-pub mod classify;
-pub mod cli;
 pub mod collector;
-pub mod event;
-pub mod http;
-pub mod hz;
-pub mod kallsyms;
-pub mod loader;
-pub mod metrics;
-pub mod program_stats;
-pub mod report;
-#[cfg(feature = "scenarios")]
-pub mod scenarios;
-pub mod table;
-pub mod top;
-pub mod web_config;
+pub mod export;
+pub mod kernel;
+pub mod tracking;
+pub mod wire;

@@ -10,7 +10,7 @@ const ZERO_FIELD: Field = Field { offset: 0, size: 0 };
 
 /// Offsets of `struct sock` members; set by user space (EbpfLoader::set_global).
 #[unsafe(no_mangle)]
-pub static SOCK_LAYOUT: SockLayout = SockLayout {
+pub(crate) static SOCK_LAYOUT: SockLayout = SockLayout {
     keepalive_timer: ZERO_FIELD,
     family: ZERO_FIELD,
     state: ZERO_FIELD,
@@ -58,7 +58,7 @@ macro_rules! sock_field {
 pub(crate) use sock_field;
 
 #[inline(always)]
-pub fn keepalive_timer_fn() -> u64 {
+pub(crate) fn keepalive_timer_fn() -> u64 {
     // SAFETY: as in `sock_layout`.
     unsafe { core::ptr::read_volatile(&KEEPALIVE_TIMER_FN) }
 }
@@ -70,7 +70,7 @@ pub fn keepalive_timer_fn() -> u64 {
 /// verifier's state at every read, and Linux 6.1's verifier then gave up on the timer programs
 /// (a million instructions processed).
 #[inline(always)]
-pub fn read_uint(base: u64, field: Field) -> u64 {
+pub(crate) fn read_uint(base: u64, field: Field) -> u64 {
     let address = base.wrapping_add(u64::from(field.offset));
     let mut value: u64 = 0;
     // The sizes come from BTF (1, 2, 4 or 8) and are constants to the verifier; clamping keeps
@@ -96,7 +96,7 @@ pub fn read_uint(base: u64, field: Field) -> u64 {
 
 /// Reads `out.len()` bytes at `base + field.offset` (an address); leaves zeros when absent.
 #[inline(always)]
-pub fn read_bytes(base: u64, field: Field, out: &mut [u8; 16]) {
+pub(crate) fn read_bytes(base: u64, field: Field, out: &mut [u8; 16]) {
     if !field.is_present() {
         return;
     }

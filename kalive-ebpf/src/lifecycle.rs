@@ -6,7 +6,7 @@
 
 use aya_ebpf::helpers::bpf_ktime_get_boot_ns;
 use kalive_common::{
-    event_flag, event_kind, ConnState, TimerRun, AF_INET6, IPPROTO_TCP, REASON_UNKNOWN,
+    event_flag, event_kind, ConnRecord, TimerRun, AF_INET6, IPPROTO_TCP, REASON_UNKNOWN,
 };
 
 use crate::{
@@ -16,7 +16,7 @@ use crate::{
 
 /// Fills the connection's identity (addresses, ports, family, network namespace) from the socket.
 #[inline(always)]
-pub fn read_identity(sock: u64, conn: &mut ConnState) {
+pub(crate) fn read_identity(sock: u64, conn: &mut ConnRecord) {
     let family = read_uint(sock, sock_field!(family)) as u16;
     conn.family = family;
     conn.local_port = read_uint(sock, sock_field!(local_port)) as u16;
@@ -81,7 +81,7 @@ fn event_for(kind: u32, sock: u64) -> Option<(ScratchEvent, bool)> {
 
 /// tcp:tcp_receive_reset. An RST while probes are outstanding is the peer answering a probe.
 #[inline(always)]
-pub fn reset_received(sock: u64) {
+pub(crate) fn reset_received(sock: u64) {
     if let Some(run) = run_of(sock) {
         // SAFETY: this CPU's slot.
         unsafe { (*run).reset_received = 1 };
@@ -94,7 +94,7 @@ pub fn reset_received(sock: u64) {
 
 /// tcp:tcp_send_reset.
 #[inline(always)]
-pub fn reset_sent(sock: u64, reason: u32) {
+pub(crate) fn reset_sent(sock: u64, reason: u32) {
     if let Some(run) = run_of(sock) {
         // SAFETY: this CPU's slot.
         unsafe {
@@ -111,14 +111,14 @@ pub fn reset_sent(sock: u64, reason: u32) {
 
 /// True when `sock` is a TCP socket (the socket tracepoints fire for other protocols too).
 #[inline(always)]
-pub fn is_tcp(sock: u64) -> bool {
+pub(crate) fn is_tcp(sock: u64) -> bool {
     sock != 0 && read_uint(sock, sock_field!(sk_protocol)) as u32 == IPPROTO_TCP
 }
 
 /// sock:inet_sk_error_report. During a keepalive run of the same socket on this CPU the error
 /// goes into the run; otherwise it is reported with the socket's identity.
 #[inline(always)]
-pub fn error_report(sock: u64) {
+pub(crate) fn error_report(sock: u64) {
     if !is_tcp(sock) {
         return;
     }
@@ -142,7 +142,7 @@ pub fn error_report(sock: u64) {
 /// sock:inet_sock_set_state to TCP_CLOSE, or tcp:tcp_destroy_sock (`extra_flags` = DESTROYED).
 /// Removes the connection from CONNECTIONS, so a new socket at the same address starts afresh.
 #[inline(always)]
-pub fn closed(sock: u64, extra_flags: u32) {
+pub(crate) fn closed(sock: u64, extra_flags: u32) {
     if let Some(run) = run_of(sock) {
         let sk_err = read_uint(sock, sock_field!(sk_err)) as i32;
         // SAFETY: this CPU's slot.

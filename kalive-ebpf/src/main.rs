@@ -9,6 +9,10 @@
 //! in progress on a CPU, those of its socket are folded into the run (see `timer_run`).
 #![no_std]
 #![no_main]
+#![expect(
+    clippy::needless_pass_by_value,
+    reason = "aya's program macros hand each context over by value"
+)]
 
 mod kernel;
 mod lifecycle;
@@ -24,7 +28,7 @@ use crate::kernel::{read_uint, sock_field};
 
 /// fentry mode: start of a keepalive timer run.
 #[fentry(function = "tcp_keepalive_timer")]
-pub fn fentry_tcp_keepalive_timer(ctx: FEntryContext) -> i32 {
+fn fentry_tcp_keepalive_timer(ctx: FEntryContext) -> i32 {
     let timer: u64 = ctx.arg(0);
     timer_run::begin(timer);
     0
@@ -32,7 +36,7 @@ pub fn fentry_tcp_keepalive_timer(ctx: FEntryContext) -> i32 {
 
 /// fentry mode: end of a keepalive timer run.
 #[fexit(function = "tcp_keepalive_timer")]
-pub fn fexit_tcp_keepalive_timer(ctx: FExitContext) -> i32 {
+fn fexit_tcp_keepalive_timer(ctx: FExitContext) -> i32 {
     let timer: u64 = ctx.arg(0);
     timer_run::finish(timer);
     0
@@ -40,7 +44,7 @@ pub fn fexit_tcp_keepalive_timer(ctx: FExitContext) -> i32 {
 
 /// kprobe mode: start of a keepalive timer run.
 #[kprobe]
-pub fn kprobe_tcp_keepalive_timer(ctx: ProbeContext) -> u32 {
+fn kprobe_tcp_keepalive_timer(ctx: ProbeContext) -> u32 {
     if let Some(timer) = ctx.arg::<u64>(0) {
         timer_run::begin(timer);
     }
@@ -50,7 +54,7 @@ pub fn kprobe_tcp_keepalive_timer(ctx: ProbeContext) -> u32 {
 /// kprobe mode: end of a keepalive timer run (a kretprobe has no arguments: the run in progress on
 /// this CPU is the one that ends).
 #[kretprobe]
-pub fn kretprobe_tcp_keepalive_timer(_ctx: RetProbeContext) -> u32 {
+fn kretprobe_tcp_keepalive_timer(_ctx: RetProbeContext) -> u32 {
     timer_run::finish(timer_run::ANY_TIMER);
     0
 }
@@ -64,7 +68,7 @@ pub fn kretprobe_tcp_keepalive_timer(_ctx: RetProbeContext) -> u32 {
 /// tracepoint mode: every timer expiry in the system (timer_list *timer, baseclk); only
 /// tcp_keepalive_timer's are kept.
 #[raw_tracepoint(tracepoint = "timer_expire_entry")]
-pub fn timer_expire_entry(ctx: RawTracePointContext) -> i32 {
+fn timer_expire_entry(ctx: RawTracePointContext) -> i32 {
     let timer: u64 = ctx.arg(0);
     let function = read_uint(timer, sock_field!(timer_function));
     if function == 0 || function != kernel::keepalive_timer_fn() {
@@ -77,7 +81,7 @@ pub fn timer_expire_entry(ctx: RawTracePointContext) -> i32 {
 /// tracepoint mode: every timer expiry's end (timer_list *timer); `finish` ignores those
 /// without a run in progress.
 #[raw_tracepoint(tracepoint = "timer_expire_exit")]
-pub fn timer_expire_exit(ctx: RawTracePointContext) -> i32 {
+fn timer_expire_exit(ctx: RawTracePointContext) -> i32 {
     let timer: u64 = ctx.arg(0);
     timer_run::finish(timer);
     0
@@ -85,7 +89,7 @@ pub fn timer_expire_exit(ctx: RawTracePointContext) -> i32 {
 
 /// tcp_receive_reset(struct sock *sk).
 #[raw_tracepoint(tracepoint = "tcp_receive_reset")]
-pub fn tcp_receive_reset(ctx: RawTracePointContext) -> i32 {
+fn tcp_receive_reset(ctx: RawTracePointContext) -> i32 {
     lifecycle::reset_received(ctx.arg(0));
     0
 }
@@ -93,7 +97,7 @@ pub fn tcp_receive_reset(ctx: RawTracePointContext) -> i32 {
 /// tcp_send_reset(sk, skb, enum sk_rst_reason reason), Linux 6.10 and later. `sk` is NULL for
 /// a reset that answers a segment of no connection.
 #[raw_tracepoint(tracepoint = "tcp_send_reset")]
-pub fn tcp_send_reset_with_reason(ctx: RawTracePointContext) -> i32 {
+fn tcp_send_reset_with_reason(ctx: RawTracePointContext) -> i32 {
     let reason: u64 = ctx.arg(2);
     lifecycle::reset_sent(ctx.arg(0), reason as u32);
     0
@@ -102,21 +106,21 @@ pub fn tcp_send_reset_with_reason(ctx: RawTracePointContext) -> i32 {
 /// tcp_send_reset(sk, skb) before Linux 6.10. A separate program because the kernel refuses to
 /// attach one that reads an argument the tracepoint does not have.
 #[raw_tracepoint(tracepoint = "tcp_send_reset")]
-pub fn tcp_send_reset(ctx: RawTracePointContext) -> i32 {
+fn tcp_send_reset(ctx: RawTracePointContext) -> i32 {
     lifecycle::reset_sent(ctx.arg(0), kalive_common::REASON_UNKNOWN);
     0
 }
 
 /// inet_sk_error_report(const struct sock *sk).
 #[raw_tracepoint(tracepoint = "inet_sk_error_report")]
-pub fn inet_sk_error_report(ctx: RawTracePointContext) -> i32 {
+fn inet_sk_error_report(ctx: RawTracePointContext) -> i32 {
     lifecycle::error_report(ctx.arg(0));
     0
 }
 
 /// inet_sock_set_state(const struct sock *sk, int oldstate, int newstate).
 #[raw_tracepoint(tracepoint = "inet_sock_set_state")]
-pub fn inet_sock_set_state(ctx: RawTracePointContext) -> i32 {
+fn inet_sock_set_state(ctx: RawTracePointContext) -> i32 {
     let new_state: u64 = ctx.arg(2);
     if new_state as u32 != kalive_common::tcp_state::CLOSE {
         return 0;
@@ -131,7 +135,7 @@ pub fn inet_sock_set_state(ctx: RawTracePointContext) -> i32 {
 
 /// tcp_destroy_sock(struct sock *sk).
 #[raw_tracepoint(tracepoint = "tcp_destroy_sock")]
-pub fn tcp_destroy_sock(ctx: RawTracePointContext) -> i32 {
+fn tcp_destroy_sock(ctx: RawTracePointContext) -> i32 {
     lifecycle::closed(ctx.arg(0), kalive_common::event_flag::DESTROYED);
     0
 }

@@ -5,24 +5,24 @@ use aya_ebpf::{
     macros::map,
     maps::{LruHashMap, PerCpuArray, RingBuf},
 };
-use kalive_common::{drop_reason, limits, ConnState, Event, TimerRun};
+use kalive_common::{drop_reason, limits, ConnRecord, KernelEvent, TimerRun};
 
 /// Keepalive connections by socket address. LRU: when full, the least recently updated goes.
 #[map]
-pub static CONNECTIONS: LruHashMap<u64, ConnState> =
+pub(crate) static CONNECTIONS: LruHashMap<u64, ConnRecord> =
     LruHashMap::with_max_entries(limits::MAX_CONNECTIONS, 0);
 
 /// Events user space must not miss: probes, timeouts, resets, closes.
 #[map]
-pub static EVENTS: RingBuf = RingBuf::with_byte_size(limits::EVENTS_BYTES, 0);
+pub(crate) static EVENTS: RingBuf = RingBuf::with_byte_size(limits::EVENTS_BYTES, 0);
 
 /// Per-CPU counters of everything lost, indexed by `kalive_common::drop_reason`.
 #[map]
-pub static DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(drop_reason::COUNT, 0);
+pub(crate) static DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(drop_reason::COUNT, 0);
 
 /// The keepalive timer run in progress on each CPU (timer callbacks do not nest on one CPU).
 #[map]
-pub static TIMER_RUNS: PerCpuArray<TimerRun> = PerCpuArray::with_max_entries(1, 0);
+pub(crate) static TIMER_RUNS: PerCpuArray<TimerRun> = PerCpuArray::with_max_entries(1, 0);
 
 /// Counts one loss. Not atomic (the bpfel target has no atomic read-modify-write in Rust's
 /// core): if a kalive program is interrupted between this load and store by another one on the
@@ -30,7 +30,7 @@ pub static TIMER_RUNS: PerCpuArray<TimerRun> = PerCpuArray::with_max_entries(1, 
 /// process context), the inner count is overwritten. Both would have to hit an error path at the
 /// same instant.
 #[inline(always)]
-pub fn count_drop(reason: u32) {
+pub(crate) fn count_drop(reason: u32) {
     if let Some(counter) = DROPS.get_ptr_mut(reason) {
         // SAFETY: a valid, aligned per-CPU u64 for this program run.
         unsafe { *counter += 1 };
@@ -41,10 +41,10 @@ pub fn count_drop(reason: u32) {
 /// context, softirq, hardirq and NMI.
 const SCRATCH_LEVELS: u32 = 4;
 
-/// Per-CPU space to build one event in, one slot per nesting level: an Event does not fit the
+/// Per-CPU space to build one event in, one slot per nesting level: an KernelEvent does not fit the
 /// 512-byte BPF stack next to everything else a program holds.
 #[map]
-static SCRATCH: PerCpuArray<Event> = PerCpuArray::with_max_entries(SCRATCH_LEVELS, 0);
+static SCRATCH: PerCpuArray<KernelEvent> = PerCpuArray::with_max_entries(SCRATCH_LEVELS, 0);
 
 /// How many kalive programs on this CPU hold a scratch slot right now.
 #[map]
@@ -53,21 +53,21 @@ static SCRATCH_DEPTH: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
 /// A scratch event of this CPU's current nesting level; the slot is released on drop. A program
 /// that interrupts another one on the same CPU gets the next slot, so neither overwrites the
 /// other's event.
-pub struct ScratchEvent {
+pub(crate) struct ScratchEvent {
     depth: *mut u32,
-    event: *mut Event,
+    event: *mut KernelEvent,
 }
 
 impl core::ops::Deref for ScratchEvent {
-    type Target = Event;
-    fn deref(&self) -> &Event {
+    type Target = KernelEvent;
+    fn deref(&self) -> &KernelEvent {
         // SAFETY: this nesting level's slot, valid for the program run.
         unsafe { &*self.event }
     }
 }
 
 impl core::ops::DerefMut for ScratchEvent {
-    fn deref_mut(&mut self) -> &mut Event {
+    fn deref_mut(&mut self) -> &mut KernelEvent {
         // SAFETY: as in deref; only this level uses the slot until the guard drops.
         unsafe { &mut *self.event }
     }
@@ -83,7 +83,7 @@ impl Drop for ScratchEvent {
 /// This CPU's scratch event for the current nesting level, cleared. None (counted) only if more
 /// than SCRATCH_LEVELS kalive programs are nested.
 #[inline(always)]
-pub fn scratch_event() -> Option<ScratchEvent> {
+pub(crate) fn scratch_event() -> Option<ScratchEvent> {
     let depth = SCRATCH_DEPTH.get_ptr_mut(0)?;
     // SAFETY: this CPU's counter; a nested program increments and decrements it before this one
     // resumes, so the value read here is never stale when written back.
@@ -99,31 +99,31 @@ pub fn scratch_event() -> Option<ScratchEvent> {
     Some(ScratchEvent { depth, event })
 }
 
-/// Zeroes an event with one 8-byte store per word. `*event = Event::default()` becomes a call
+/// Zeroes an event with one 8-byte store per word. `*event = KernelEvent::default()` becomes a call
 /// to a byte-by-byte memset loop that the verifier walks 176 times on every path; with the
 /// branching reads it used to have, Linux 6.1's verifier gave up on fexit_tcp_keepalive_timer
 /// (a million instructions processed, seen in the vm-test guest).
 #[inline(always)]
-fn clear(event: *mut Event) {
-    const WORDS: usize = core::mem::size_of::<Event>() / 8;
-    const _: () = assert!(core::mem::size_of::<Event>() % 8 == 0);
+fn clear(event: *mut KernelEvent) {
+    const WORDS: usize = size_of::<KernelEvent>() / 8;
+    const _: () = assert!(size_of::<KernelEvent>().is_multiple_of(8));
     let words = event.cast::<u64>();
     for word in 0..WORDS {
-        // SAFETY: `event` is a valid, 8-byte aligned map value of size_of::<Event>() bytes, and
-        // all-zero is a valid Event. Volatile keeps the compiler from turning this into memset.
+        // SAFETY: `event` is a valid, 8-byte aligned map value of size_of::<KernelEvent>() bytes, and
+        // all-zero is a valid KernelEvent. Volatile keeps the compiler from turning this into memset.
         unsafe { core::ptr::write_volatile(words.add(word), 0) };
     }
 }
 
 /// Sends one event; a full ring buffer is counted, never silent.
 #[inline(always)]
-pub fn emit(event: &Event) {
-    if EVENTS.output::<Event>(event, 0).is_err() {
+pub(crate) fn emit(event: &KernelEvent) {
+    if EVENTS.output::<KernelEvent>(event, 0).is_err() {
         count_drop(drop_reason::RINGBUF_FULL);
     }
 }
 
 #[inline(always)]
-pub fn run_in_progress() -> Option<*mut TimerRun> {
+pub(crate) fn run_in_progress() -> Option<*mut TimerRun> {
     TIMER_RUNS.get_ptr_mut(0)
 }

@@ -14,7 +14,7 @@
 
 use aya_ebpf::helpers::{bpf_jiffies64, bpf_ktime_get_boot_ns};
 use kalive_common::{
-    drop_reason, event_flag, event_kind, tcp_state, ConnState, TimerRun, REASON_UNKNOWN,
+    drop_reason, event_flag, event_kind, tcp_state, ConnRecord, TimerRun, REASON_UNKNOWN,
 };
 
 use crate::{
@@ -24,13 +24,13 @@ use crate::{
 };
 
 /// `finish` argument for hooks that cannot tell which timer ended (kretprobe).
-pub const ANY_TIMER: u64 = 0;
+pub(crate) const ANY_TIMER: u64 = 0;
 
 const TCP_SYN_SENT: u32 = 2;
 
 /// Records the socket's state as the keepalive timer callback starts.
 #[inline(always)]
-pub fn begin(timer: u64) {
+pub(crate) fn begin(timer: u64) {
     let Some(run) = run_in_progress() else {
         return;
     };
@@ -55,7 +55,7 @@ pub fn begin(timer: u64) {
 
 /// Decides what the run did, updates CONNECTIONS and emits an event when something happened.
 #[inline(always)]
-pub fn finish(timer: u64) {
+pub(crate) fn finish(timer: u64) {
     let Some(run_slot) = run_in_progress() else {
         return;
     };
@@ -223,7 +223,7 @@ fn record(run: &TimerRun) {
 
 /// The socket's effective keepalive settings: a 0 in the socket means the netns sysctl.
 #[inline(always)]
-fn read_settings(sock: u64, conn: &mut ConnState) {
+fn read_settings(sock: u64, conn: &mut ConnRecord) {
     let mut idle = read_uint(sock, sock_field!(keepalive_time)) as u32;
     let mut interval = read_uint(sock, sock_field!(keepalive_intvl)) as u32;
     let mut probes = read_uint(sock, sock_field!(keepalive_probes)) as u32;

@@ -55,6 +55,25 @@ fn workspace_root() -> PathBuf {
     xtask_dir.parent().unwrap_or(xtask_dir).to_path_buf()
 }
 
+/// Where cargo puts what it builds: `$CARGO_TARGET_DIR`, else `target/` in the workspace.
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map_or_else(|| workspace_root().join("target"), PathBuf::from)
+}
+
+/// kalive's cache of downloads and built tools: `$XDG_CACHE_HOME/kalive`, else
+/// `~/.cache/kalive`.
+fn cache_dir() -> Result<PathBuf> {
+    match std::env::var_os("XDG_CACHE_HOME").filter(|dir| !dir.is_empty()) {
+        Some(dir) => Ok(PathBuf::from(dir).join("kalive")),
+        None => {
+            let home = std::env::var_os("HOME")
+                .context("neither XDG_CACHE_HOME nor HOME is set: set HOME")?;
+            Ok(PathBuf::from(home).join(".cache/kalive"))
+        }
+    }
+}
+
 /// A `cargo` command that runs in the workspace root.
 fn cargo<const N: usize>(args: [&str; N]) -> Command {
     let mut cmd = Command::new("cargo");

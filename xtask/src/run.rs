@@ -1,28 +1,25 @@
 //! `cargo xtask run`: builds kalive-daemon in release mode and replaces this process with it.
 
-use std::{os::unix::process::CommandExt, path::PathBuf, process::Command};
+use std::{os::unix::process::CommandExt, process::Command};
 
 use anyhow::{Context, Result};
 
-use crate::{cargo, run_checked, setup, show, workspace_root};
+use crate::{cargo, run_checked, setup, show, target_dir};
 
 /// Runs setup, builds the daemon, then execs it with `args` (`run` when empty). The daemon takes
 /// over this process, so its exit status (and any signal) is ours; this returns only on error.
-pub fn run(args: Vec<String>) -> Result<()> {
+pub(crate) fn run(args: Vec<String>) -> Result<()> {
     setup::setup()?;
     run_checked(&mut cargo(["build", "--release", "-p", "kalive-daemon"])).context(
         "building kalive-daemon failed: fix the errors above and rerun `cargo xtask run`",
     )?;
 
-    let target_dir = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace_root().join("target"));
     let args = if args.is_empty() {
         vec!["run".to_string()]
     } else {
         args
     };
-    let mut daemon = Command::new(target_dir.join("release/kalive-daemon"));
+    let mut daemon = Command::new(target_dir().join("release/kalive-daemon"));
     daemon.args(&args);
     let shown = show(&daemon);
     println!("+ {shown}");

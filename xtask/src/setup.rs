@@ -1,7 +1,7 @@
 //! `cargo xtask setup`: idempotently installs what building and testing kalive need.
 
 use std::{
-    env, fs,
+    fs,
     os::unix::fs::symlink,
     path::{Path, PathBuf},
     process::Command,
@@ -9,7 +9,7 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 
-use crate::{is_root, probe, run_checked};
+use crate::{cache_dir, is_root, probe, run_checked};
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// Debian packages the privileged integration tests and vm-test (QEMU, cpio) use.
@@ -35,10 +35,11 @@ const RUSTUP_HINT: &str = "check that rustup works and the network is reachable"
 const REINSTALL_NIGHTLY: &str = "reinstall it with `rustup toolchain install nightly --force`";
 
 /// Checks and, where missing, installs every item, printing one line per item.
-pub fn setup() -> Result<()> {
+pub(crate) fn setup() -> Result<()> {
     nightly()?;
     let sysroot = nightly_sysroot()?;
     rust_src(&sysroot)?;
+    nightly_lint_tools()?;
     bpf_linker(&sysroot)?;
     apt_packages()
 }
@@ -88,6 +89,27 @@ fn rust_src(sysroot: &Path) -> Result<()> {
         "nightly",
     ]))
     .with_context(|| format!("adding rust-src to nightly failed: {RUSTUP_HINT}"))
+}
+
+/// rustfmt and clippy for nightly: the format check groups imports (a nightly rustfmt option)
+/// and the kernel programs are linted for their nightly-only target.
+fn nightly_lint_tools() -> Result<()> {
+    for (component, program) in [("rustfmt", "rustfmt"), ("clippy", "cargo-clippy")] {
+        if let Some(version) = probe("rustup", &["run", "nightly", program, "--version"]) {
+            println!("ok: {component} for nightly ({version})");
+            continue;
+        }
+        println!("installing: {component} for nightly");
+        run_checked(&mut rustup([
+            "component",
+            "add",
+            component,
+            "--toolchain",
+            "nightly",
+        ]))
+        .with_context(|| format!("adding {component} to nightly failed: {RUSTUP_HINT}"))?;
+    }
+    Ok(())
 }
 
 fn bpf_linker(sysroot: &Path) -> Result<()> {
@@ -155,15 +177,7 @@ fn find_libllvm(lib_dir: &Path) -> Result<PathBuf> {
 
 /// A directory whose `lib/libLLVM.so` links to `llvm`, for bpf-linker's build (`LLVM_PREFIX`).
 fn llvm_prefix(llvm: &Path) -> Result<PathBuf> {
-    let cache = match env::var_os("XDG_CACHE_HOME").filter(|dir| !dir.is_empty()) {
-        Some(dir) => PathBuf::from(dir),
-        None => {
-            let home =
-                env::var_os("HOME").context("neither XDG_CACHE_HOME nor HOME is set: set HOME")?;
-            PathBuf::from(home).join(".cache")
-        }
-    };
-    let prefix = cache.join("kalive/llvm-prefix");
+    let prefix = cache_dir()?.join("llvm-prefix");
     let lib = prefix.join("lib");
     fs::create_dir_all(&lib).with_context(|| {
         format!(

@@ -1,14 +1,15 @@
 //! `cargo xtask vm-test`: every hook mode on real Debian kernels, in QEMU (TCG).
 //!
 //! For each kernel: fetch the Debian package (cached under ~/.cache/kalive/vm), build the static
-//! guest (`kalive-daemon/examples/vm_guest.rs`, the daemon's own library), pack it as /init with
-//! the kernel's config into an initramfs, boot it, and read the guest's `KALIVE-VM` lines from
-//! the serial console. The guest compares kalive with the kernel's TcpExt counters and SO_ERROR;
+//! guest (`kalive-testkit/src/bin/vm-guest.rs`, on the daemon's own library), pack it as /init
+//! with the kernel's config into an initramfs, boot it, and read the guest's `KALIVE-VM` lines
+//! from the serial console. The guest announces the hook modes and scenarios it runs (a `plan`
+//! line), compares kalive with the kernel's TcpExt counters and SO_ERROR, and reports each cell;
 //! this side prints the table and also fails when the hook modes disagree on a connection.
 
 use std::{
     collections::BTreeMap,
-    env, fs,
+    fs,
     io::Read as _,
     path::{Path, PathBuf},
     process::{Command, Stdio},
@@ -17,7 +18,7 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 
-use crate::{probe, run_checked, workspace_root};
+use crate::{cache_dir, probe, run_checked, target_dir, workspace_root};
 
 /// Where a kernel comes from.
 struct KernelSpec {
@@ -52,15 +53,6 @@ const APT_TIMEOUT: Duration = Duration::from_secs(300);
 /// One guest boot, all modes and scenarios, may take this long under TCG.
 const BOOT_TIMEOUT: Duration = Duration::from_secs(600);
 const GUEST_TARGET: &str = "x86_64-unknown-linux-gnu";
-const MODES: [&str; 3] = ["fentry", "kprobe", "tracepoint"];
-const SCENARIOS: [&str; 6] = [
-    "alive",
-    "dead",
-    "rebooted",
-    "keepalive_off",
-    "ipv6",
-    "settings",
-];
 
 /// A fetched kernel: its release string, image and config.
 struct Kernel {
@@ -70,7 +62,7 @@ struct Kernel {
     config: PathBuf,
 }
 
-pub fn vm_test() -> Result<()> {
+pub(crate) fn vm_test() -> Result<()> {
     let started = Instant::now();
     check_tools()?;
     let cache = cache_dir()?.join("vm");
@@ -124,23 +116,6 @@ fn check_tools() -> Result<()> {
         bail!("vm-test needs {KEYRING} to check Debian's archive: install debian-archive-keyring");
     }
     Ok(())
-}
-
-fn cache_dir() -> Result<PathBuf> {
-    match env::var_os("XDG_CACHE_HOME").filter(|dir| !dir.is_empty()) {
-        Some(dir) => Ok(PathBuf::from(dir).join("kalive")),
-        None => {
-            let home =
-                env::var_os("HOME").context("neither XDG_CACHE_HOME nor HOME is set: set HOME")?;
-            Ok(PathBuf::from(home).join(".cache/kalive"))
-        }
-    }
-}
-
-fn target_dir() -> PathBuf {
-    env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace_root().join("target"))
 }
 
 /// Runs `cmd` with a time limit; its output goes to the terminal. An error names the command.
@@ -370,8 +345,8 @@ fn build_guest() -> Result<PathBuf> {
             "build",
             "--release",
             "-p",
-            "kalive-daemon",
-            "--example",
+            "kalive-testkit",
+            "--bin",
             "vm-guest",
         ])
         .args(["--target", GUEST_TARGET])
@@ -381,9 +356,7 @@ fn build_guest() -> Result<PathBuf> {
             "-C target-feature=+crt-static",
         );
     run_checked(&mut cmd).context("building the VM guest failed: fix the errors above")?;
-    Ok(target_dir()
-        .join(GUEST_TARGET)
-        .join("release/examples/vm-guest"))
+    Ok(target_dir().join(GUEST_TARGET).join("release/vm-guest"))
 }
 
 /// Packs the initramfs and boots `kernel`; returns the guest's `KALIVE-VM` lines.
@@ -506,9 +479,12 @@ enum Cell {
     Unsupported(String),
 }
 
-/// What one boot reported: cells by (mode, scenario), and guest-wide errors.
+/// What one boot reported: the modes and scenarios it announced, cells by (mode, scenario), and
+/// guest-wide errors.
 #[derive(Default)]
 struct BootResult {
+    modes: Vec<String>,
+    scenarios: Vec<String>,
     cells: BTreeMap<(String, String), Cell>,
     errors: Vec<String>,
     ended: bool,
@@ -521,8 +497,7 @@ fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
 
 fn after<'a>(line: &'a str, key: &str) -> &'a str {
     line.find(&format!("{key}="))
-        .map(|at| &line[at + key.len() + 1..])
-        .unwrap_or("")
+        .map_or("", |at| &line[at + key.len() + 1..])
 }
 
 fn parse(lines: &[String]) -> BootResult {
@@ -530,6 +505,14 @@ fn parse(lines: &[String]) -> BootResult {
     for line in lines {
         if line == "end" {
             result.ended = true;
+        } else if line.starts_with("plan ") {
+            let list = |key: &str| -> Vec<String> {
+                field(line, key)
+                    .map(|names| names.split(',').map(str::to_owned).collect())
+                    .unwrap_or_default()
+            };
+            result.modes = list("modes");
+            result.scenarios = list("scenarios");
         } else if line.starts_with("error ") {
             result.errors.push(after(line, "reason").to_owned());
         } else if line.starts_with("result ") {
@@ -583,11 +566,18 @@ fn signals(conns: &str) -> String {
 fn report(results: &[(&Kernel, BootResult)]) -> usize {
     let mut problems = Vec::new();
     println!();
-    println!(
-        "{:<30} {:<14} {:<12} {:<12} {:<12} signal (connections: role:outcome:probes:error:signal)",
-        "kernel", "scenario", MODES[0], MODES[1], MODES[2]
-    );
     for (kernel, boot) in results {
+        if boot.modes.is_empty() || boot.scenarios.is_empty() {
+            problems.push(format!(
+                "{}: the guest announced no plan (no `plan` line): it did not start",
+                kernel.release
+            ));
+        }
+        print!("{:<30} {:<14}", "kernel", "scenario");
+        for mode in &boot.modes {
+            print!(" {mode:<12}");
+        }
+        println!(" signal (connections: role:outcome:probes:error:signal)");
         if !boot.ended {
             problems.push(format!(
                 "{}: the guest did not finish (no `end` line): it crashed, hung or ran out of time",
@@ -597,15 +587,16 @@ fn report(results: &[(&Kernel, BootResult)]) -> usize {
         for error in &boot.errors {
             problems.push(format!("{}: {error}", kernel.release));
         }
-        for scenario in SCENARIOS {
-            let cells: Vec<Option<&Cell>> = MODES
+        for scenario in &boot.scenarios {
+            let cells: Vec<Option<&Cell>> = boot
+                .modes
                 .iter()
-                .map(|mode| boot.cells.get(&(mode.to_string(), scenario.to_owned())))
+                .map(|mode| boot.cells.get(&(mode.clone(), scenario.clone())))
                 .collect();
             let mut shown = Vec::new();
             let mut passing: Vec<(&str, &str)> = Vec::new();
             let mut tcpext_shown = "";
-            for (mode, cell) in MODES.iter().zip(&cells) {
+            for (mode, cell) in boot.modes.iter().zip(&cells) {
                 shown.push(match cell {
                     Some(Cell::Pass { conns, tcpext }) => {
                         passing.push((mode, conns));
@@ -632,7 +623,7 @@ fn report(results: &[(&Kernel, BootResult)]) -> usize {
                     }
                 });
             }
-            let conns = passing.first().map(|(_, conns)| *conns).unwrap_or("-");
+            let conns = passing.first().map_or("-", |(_, conns)| *conns);
             for (mode, other) in &passing[1.min(passing.len())..] {
                 if *other != conns {
                     problems.push(format!(
@@ -641,15 +632,11 @@ fn report(results: &[(&Kernel, BootResult)]) -> usize {
                     ));
                 }
             }
-            println!(
-                "{:<30} {:<14} {:<12} {:<12} {:<12} {} ({conns}; {tcpext_shown})",
-                kernel.release,
-                scenario,
-                shown[0],
-                shown[1],
-                shown[2],
-                signals(conns)
-            );
+            print!("{:<30} {:<14}", kernel.release, scenario);
+            for cell in &shown {
+                print!(" {cell:<12}");
+            }
+            println!(" {} ({conns}; {tcpext_shown})", signals(conns));
         }
     }
     println!();
@@ -667,6 +654,7 @@ mod tests {
     fn parses_guest_lines() {
         let lines: Vec<String> = [
             "kernel release=6.1.0-1-cloud-amd64",
+            "plan modes=fentry,kprobe,tracepoint scenarios=dead,alive",
             "result mode=fentry scenario=dead status=pass tcpext_keepalive=3 tcpext_abort=1 conns=dead:dead:3:ETIMEDOUT:sk_err_at_timer_close",
             "result mode=kprobe scenario=dead status=fail reason=probes sent: kalive 2 vs kernel 3",
             "result mode=tracepoint scenario=dead status=unsupported reason=no timer tracepoint",
@@ -677,6 +665,8 @@ mod tests {
         .to_vec();
         let boot = parse(&lines);
         assert!(boot.ended);
+        assert_eq!(boot.modes, ["fentry", "kprobe", "tracepoint"]);
+        assert_eq!(boot.scenarios, ["dead", "alive"]);
         assert_eq!(boot.errors, vec!["hook mode kprobe: lost 1 event(s)"]);
         assert_eq!(
             boot.cells[&("fentry".to_owned(), "dead".to_owned())],
@@ -706,7 +696,7 @@ mod tests {
 
     #[test]
     fn finds_kernel_files_in_both_package_layouts() {
-        let root = env::temp_dir().join(format!("kalive-vm-test-{}", std::process::id()));
+        let root = std::env::temp_dir().join(format!("kalive-vm-test-{}", std::process::id()));
         let release = "7.2.13+deb14-cloud-amd64";
         let modules = root.join("usr/lib/modules").join(release);
         fs::create_dir_all(&modules).unwrap();

@@ -1,0 +1,149 @@
+//! The command line. The library's option types (hook mode, labels) are parsed by their own
+//! `FromStr`; clap only lists their names and help.
+
+use std::{net::SocketAddr, path::PathBuf};
+
+use clap::{
+    builder::{PossibleValue, PossibleValuesParser, TypedValueParser as _},
+    Parser, Subcommand,
+};
+use kalive_daemon::{
+    export::{
+        http::DEFAULT_LISTEN,
+        metrics::{ExtraLabel, DEFAULT_MAX_SERIES},
+    },
+    kernel::loader::HookMode,
+};
+
+use crate::top::column::Column;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "kalive-daemon",
+    version,
+    about = "See every TCP keepalive probe and its outcome"
+)]
+pub(crate) struct Cli {
+    #[command(subcommand)]
+    pub(crate) command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum Command {
+    /// Load the kernel programs and watch keepalive on every connection of this host.
+    Run(RunArgs),
+    /// Live view of a running daemon: connections, probes and outcomes as they happen.
+    Top(TopArgs),
+}
+
+/// `--hook-mode`: the library's names, with its help for each.
+fn hook_mode_parser() -> impl clap::builder::TypedValueParser<Value = HookMode> {
+    PossibleValuesParser::new(
+        HookMode::ALL.map(|mode| PossibleValue::new(mode.name()).help(mode.describe())),
+    )
+    .try_map(|name| name.parse::<HookMode>())
+}
+
+/// `--labels`: the library's names, with its help for each.
+fn label_parser() -> impl clap::builder::TypedValueParser<Value = ExtraLabel> {
+    PossibleValuesParser::new(
+        ExtraLabel::ALL.map(|label| PossibleValue::new(label.name()).help(label.describe())),
+    )
+    .try_map(|name| name.parse::<ExtraLabel>())
+}
+
+#[derive(Debug, clap::Args)]
+pub(crate) struct RunArgs {
+    /// How to hook tcp_keepalive_timer: auto tries fentry, kprobe, then tracepoint.
+    #[arg(long, default_value = "auto", value_parser = hook_mode_parser())]
+    pub(crate) hook_mode: HookMode,
+
+    /// Ended connections kept in memory (oldest dropped first).
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(0..=10_000_000))]
+    pub(crate) history: u32,
+
+    /// Do not log each probe (outcomes are always logged).
+    #[arg(long)]
+    pub(crate) quiet_probes: bool,
+
+    /// Address and port of the HTTP server (/metrics, /api/v1/..., /healthz). Port 0 picks a free
+    /// port (logged at start).
+    #[arg(long, default_value = DEFAULT_LISTEN)]
+    pub(crate) listen: SocketAddr,
+
+    /// TLS and basic auth settings, in the Prometheus exporter-toolkit web-config format.
+    #[arg(long = "web.config.file", value_name = "FILE")]
+    pub(crate) web_config_file: Option<PathBuf>,
+
+    /// Labels to add to the per-connection counters beyond direction and port (comma-separated).
+    #[arg(long, value_delimiter = ',', value_parser = label_parser())]
+    pub(crate) labels: Vec<ExtraLabel>,
+
+    /// Most label sets the per-connection counters may have; more are folded into port="other".
+    #[arg(long, default_value_t = DEFAULT_MAX_SERIES as u32, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub(crate) max_series: u32,
+}
+
+/// `kalive-daemon top`: reads a running daemon's API (no root needed), or runs the collector
+/// in-process with `--standalone` (root).
+#[derive(Debug, clap::Args)]
+pub(crate) struct TopArgs {
+    /// The daemon's address: http://HOST:PORT (plain HTTP).
+    #[arg(long, default_value_t = format!("http://{DEFAULT_LISTEN}"))]
+    pub(crate) endpoint: String,
+
+    /// Seconds between refreshes.
+    #[arg(long, default_value_t = 1.0, value_parser = parse_interval)]
+    pub(crate) interval: f64,
+
+    /// No daemon: load the kernel programs and run the collector in this process (needs root).
+    #[arg(long)]
+    pub(crate) standalone: bool,
+
+    /// With --standalone: how to hook tcp_keepalive_timer.
+    #[arg(long, default_value = "auto", value_parser = hook_mode_parser(), requires = "standalone")]
+    pub(crate) hook_mode: HookMode,
+
+    /// Print one snapshot as plain text and exit (for scripts and without a terminal).
+    #[arg(long)]
+    pub(crate) once: bool,
+
+    /// Print one snapshot as JSON and exit.
+    #[arg(long, conflicts_with = "once")]
+    pub(crate) json: bool,
+
+    /// Show only matching connections: port:N, addr:TEXT, state:NAME, netns:N, or a bare port,
+    /// address or state; terms separated by spaces must all match, values separated by commas
+    /// are alternatives. Same syntax as the `/` key.
+    #[arg(long, default_value = "")]
+    pub(crate) filter: String,
+
+    /// The column to sort by at start (the `<` `>` keys change it).
+    #[arg(long, value_enum, default_value_t = Column::State)]
+    pub(crate) sort: Column,
+
+    /// Seconds a connection that ended stays in the table, with its outcome.
+    #[arg(long, default_value_t = 60.0, value_parser = parse_linger)]
+    pub(crate) linger: f64,
+
+    /// User name for a daemon with basic auth; the password is read from KALIVE_PASSWORD.
+    #[arg(long)]
+    pub(crate) user: Option<String>,
+}
+
+fn parse_seconds(text: &str, min: f64, max: f64) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(seconds) if (min..=max).contains(&seconds) => Ok(seconds),
+        _ => Err(format!(
+            "{text:?} is not a number of seconds from {min} to {max}"
+        )),
+    }
+}
+
+fn parse_interval(text: &str) -> Result<f64, String> {
+    parse_seconds(text, 0.1, 3600.0)
+}
+
+fn parse_linger(text: &str) -> Result<f64, String> {
+    parse_seconds(text, 0.0, 86_400.0)
+}

@@ -1,0 +1,49 @@
+//! kalive-daemon: parse the command line, run the chosen command, report errors with their
+//! causes.
+//!
+//! - `cli`: the command line (clap);
+//! - `run`: `kalive-daemon run`, the daemon;
+//! - `top`: `kalive-daemon top`, the live view.
+
+mod cli;
+mod run;
+mod top;
+
+use clap::Parser as _;
+
+use crate::cli::{Cli, Command};
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    // The live view owns the terminal: log lines would tear it, so top logs only on request.
+    let default_filter = match cli.command {
+        Command::Top(_) => "off",
+        Command::Run(_) => "info",
+    };
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(default_filter))
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("error: cannot start the async runtime: {err}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Run(args) => run::run(args).await,
+            Command::Top(args) => top::run(args).await.map_err(Into::into),
+        }
+    });
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,72 @@
+//! `kalive-daemon run`: the collector, the HTTP server, and a clean stop on SIGINT or SIGTERM.
+
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use kalive_daemon::{
+    collector::{Collector, CollectorOptions},
+    export::{http, metrics::SeriesOptions, web_config::WebConfig},
+};
+use tokio_util::sync::CancellationToken;
+
+use crate::cli::RunArgs;
+
+pub(crate) async fn run(args: RunArgs) -> anyhow::Result<()> {
+    // Configuration and the port first: a mistake there fails before the programs load.
+    let web = match &args.web_config_file {
+        Some(path) => WebConfig::load(path)?,
+        None => WebConfig::default(),
+    };
+    let listener = http::bind(args.listen).await?;
+    let address = listener.local_addr().unwrap_or(args.listen);
+
+    let cancel = CancellationToken::new();
+    let mut labels = args.labels;
+    labels.sort_unstable();
+    labels.dedup();
+    let collector = Collector::start(
+        CollectorOptions {
+            hook_mode: args.hook_mode,
+            history_limit: args.history as usize,
+            log_probes: !args.quiet_probes,
+            series: SeriesOptions {
+                extra_labels: labels,
+                max_series: args.max_series as usize,
+            },
+        },
+        cancel.clone(),
+    )
+    .context("kalive-daemon could not start")?;
+    log::info!("kalive-daemon running, hook mode {}", collector.mode);
+    let scheme = if web.tls.is_some() { "https" } else { "http" };
+    log::info!(
+        "serving {scheme}://{address}/metrics, /api/v1/connections, /api/v1/events, /healthz"
+    );
+    let context = Arc::new(http::ServerContext {
+        shared: collector.shared.clone(),
+        web,
+        limits: http::Limits::default(),
+    });
+    tokio::spawn(http::serve(listener, context, cancel.clone()));
+    tokio::spawn(shutdown_on_signal(cancel));
+    collector.wait().await.context("the collector stopped")?;
+    log::info!("kalive-daemon stopped");
+    Ok(())
+}
+
+/// SIGINT or SIGTERM cancels everything.
+async fn shutdown_on_signal(cancel: CancellationToken) {
+    let mut terminate =
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(signal) => signal,
+            Err(err) => {
+                log::error!("cannot listen for SIGTERM: {err}");
+                return;
+            }
+        };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => log::info!("SIGINT received, stopping"),
+        _ = terminate.recv() => log::info!("SIGTERM received, stopping"),
+    }
+    cancel.cancel();
+}

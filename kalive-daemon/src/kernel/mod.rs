@@ -1,0 +1,14 @@
+//! Everything that talks to the kernel: loading and attaching the programs, this kernel's struct
+//! layouts, symbols and tick rate, the programs' statistics, decoding their records, and the
+//! /proc files the daemon reads.
+
+pub mod btf_layout;
+pub mod decode;
+pub mod errno;
+pub mod hz;
+pub mod kallsyms;
+pub mod loader;
+pub mod privileges;
+pub mod procfs;
+pub mod program_stats;
+pub mod units;

@@ -1,0 +1,124 @@
+//! One tracked keepalive connection, and how it ended.
+
+use std::{net::SocketAddr, ops::RangeInclusive, time::Duration};
+
+use crate::{
+    tracking::peer_state::{PeerState, Signal},
+    wire::Direction,
+};
+
+/// A socket's effective keepalive settings.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KeepaliveSettings {
+    pub idle: Duration,
+    pub interval: Duration,
+    pub probe_limit: u32,
+    /// TCP_USER_TIMEOUT, when set.
+    pub user_timeout: Option<Duration>,
+}
+
+/// Who opened the connection, told from its ports: the end with an ephemeral port
+/// (net.ipv4.ip_local_port_range) is the client. A connection whose ports are both ephemeral or
+/// both not is taken to serve on the lower port. (The socket itself does not say: an accepted
+/// socket does not keep its listener's SOCK_BINDPORT_LOCK.)
+pub fn direction_from_ports(
+    local_port: u16,
+    remote_port: u16,
+    ephemeral: &RangeInclusive<u16>,
+) -> Direction {
+    match (
+        ephemeral.contains(&local_port),
+        ephemeral.contains(&remote_port),
+    ) {
+        (true, false) => Direction::Outbound,
+        (false, true) => Direction::Inbound,
+        _ if local_port <= remote_port => Direction::Inbound,
+        _ => Direction::Outbound,
+    }
+}
+
+/// The port that names the service: the local one for inbound connections.
+pub fn service_port(direction: Direction, local: SocketAddr, remote: SocketAddr) -> u16 {
+    match direction {
+        Direction::Inbound => local.port(),
+        Direction::Outbound => remote.port(),
+    }
+}
+
+/// One tracked keepalive connection.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Connection {
+    /// kalive's own sequential id (kernel addresses are never shown).
+    pub id: u64,
+    pub netns: u32,
+    pub local: SocketAddr,
+    pub remote: SocketAddr,
+    pub direction: Direction,
+    pub keepalive_on: bool,
+    pub settings: KeepaliveSettings,
+    pub probes_sent: u64,
+    pub probes_answered: u64,
+    /// icsk_probes_out after the last timer run.
+    pub probes_outstanding: u32,
+    pub send_failures: u64,
+    /// CLOCK_BOOTTIME nanoseconds of the first sighting, the last probe (0: none), the last run.
+    pub first_seen_ns: u64,
+    pub last_probe_ns: u64,
+    pub last_run_ns: u64,
+    /// How long the connection had received nothing at its last timer run.
+    pub idle_at_last_run: Duration,
+    pub peer_state: PeerState,
+    pub reset_received: bool,
+    pub reset_during_probe: bool,
+    /// The last socket error reported (errno), 0 when none.
+    pub last_error: i32,
+}
+
+impl Connection {
+    pub fn service_port(&self) -> u16 {
+        service_port(self.direction, self.local, self.remote)
+    }
+}
+
+/// A connection that ended, with how.
+#[derive(Clone, Debug, PartialEq)]
+pub struct EndedConnection {
+    pub connection: Connection,
+    pub outcome: PeerState,
+    /// What decided `outcome`.
+    pub signal: Signal,
+    pub error: i32,
+    pub ended_ns: u64,
+}
+
+/// A peer-state change of a live connection (alive -> probing 1/3 -> probing 2/3, -> rebooted).
+#[derive(Clone, Debug, PartialEq)]
+pub struct PeerStateChange {
+    /// The connection after the change (its `peer_state` is the new state).
+    pub connection: Connection,
+    pub from: PeerState,
+    pub time_ns: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernel::procfs::DEFAULT_EPHEMERAL_PORTS;
+
+    #[test]
+    fn the_ephemeral_end_is_the_client() {
+        for (local, remote, expected) in [
+            (40000, 443, Direction::Outbound),
+            (5432, 50000, Direction::Inbound),
+            (22, 1022, Direction::Inbound),
+            (8080, 80, Direction::Outbound),
+            (40000, 45000, Direction::Inbound),
+        ] {
+            assert_eq!(
+                direction_from_ports(local, remote, &DEFAULT_EPHEMERAL_PORTS),
+                expected,
+                "{local}->{remote}"
+            );
+        }
+    }
+}

@@ -1,0 +1,10 @@
+//! The daemon's view of the host's keepalive connections, built from the kernel's records:
+//! the connections (`connection`), the rules that name a peer's state (`peer_state`), the table
+//! that applies each kernel record (`table`), the bounded history of changes (`history`) and the
+//! running totals per network namespace (`totals`).
+
+pub mod connection;
+pub mod history;
+pub mod peer_state;
+pub mod table;
+pub mod totals;

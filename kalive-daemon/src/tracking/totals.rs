@@ -1,0 +1,119 @@
+//! What the table counts: each count (`Tally`) names the connection it belongs to (`Origin`), so
+//! the metrics can label it, and adds to the running totals of its network namespace.
+
+use std::{collections::BTreeMap, net::IpAddr, time::Duration};
+
+use crate::{
+    tracking::{connection::Connection, peer_state::PeerState},
+    wire::Direction,
+};
+
+/// The connection a count belongs to, for the per-namespace totals and the metrics' labels.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Origin {
+    pub netns: u32,
+    pub direction: Direction,
+    /// The listening port for inbound connections, the remote port for outbound ones; None for
+    /// RSTs the kernel sent without a socket (answers to segments of unknown connections).
+    pub service_port: Option<u16>,
+    pub remote_addr: Option<IpAddr>,
+    /// kalive's connection id, None when the connection is not tracked.
+    pub connection: Option<u64>,
+}
+
+impl Origin {
+    pub fn of(conn: &Connection) -> Origin {
+        Origin {
+            netns: conn.netns,
+            direction: conn.direction,
+            service_port: Some(conn.service_port()),
+            remote_addr: Some(conn.remote.ip()),
+            connection: Some(conn.id),
+        }
+    }
+}
+
+/// What a count adds.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Count {
+    ProbesSent(u64),
+    ProbesAnswered(u64),
+    ProbeSendFailures(u64),
+    ResetReceived {
+        during_probe: bool,
+    },
+    /// By enum sk_rst_reason name, lower case ("unknown" when the kernel gives none).
+    ResetSent {
+        reason: String,
+    },
+    Ended {
+        outcome: PeerState,
+        probes_sent: u64,
+        /// For keepalive timeouts: from the last data received to the timeout.
+        detection: Option<Duration>,
+    },
+}
+
+/// One count, with the connection it belongs to.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Tally {
+    pub origin: Origin,
+    pub count: Count,
+}
+
+/// Running totals of one network namespace.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Totals {
+    pub probes_sent: u64,
+    pub probes_answered: u64,
+    pub probe_send_failures: u64,
+    /// Connections closed by the keepalive timer with an error (dead or unreachable).
+    pub keepalive_timeouts: u64,
+    pub resets_received: u64,
+    pub resets_received_during_probe: u64,
+    /// RSTs sent, by enum sk_rst_reason name ("unknown" when the kernel has no reason).
+    pub resets_sent: BTreeMap<String, u64>,
+    /// Ended connections by outcome name.
+    pub outcomes: BTreeMap<&'static str, u64>,
+}
+
+impl Totals {
+    pub fn add(&mut self, count: &Count) {
+        match count {
+            Count::ProbesSent(n) => self.probes_sent += n,
+            Count::ProbesAnswered(n) => self.probes_answered += n,
+            Count::ProbeSendFailures(n) => self.probe_send_failures += n,
+            Count::ResetReceived { during_probe } => {
+                self.resets_received += 1;
+                if *during_probe {
+                    self.resets_received_during_probe += 1;
+                }
+            }
+            Count::ResetSent { reason } => {
+                *self.resets_sent.entry(reason.clone()).or_default() += 1;
+            }
+            Count::Ended { outcome, .. } => {
+                if outcome.is_keepalive_timeout() {
+                    self.keepalive_timeouts += 1;
+                }
+                *self.outcomes.entry(outcome.name()).or_default() += 1;
+            }
+        }
+    }
+
+    /// Adds another namespace's totals (for figures over the whole host).
+    pub fn merge(&mut self, other: &Totals) {
+        self.probes_sent += other.probes_sent;
+        self.probes_answered += other.probes_answered;
+        self.probe_send_failures += other.probe_send_failures;
+        self.keepalive_timeouts += other.keepalive_timeouts;
+        self.resets_received += other.resets_received;
+        self.resets_received_during_probe += other.resets_received_during_probe;
+        for (reason, n) in &other.resets_sent {
+            *self.resets_sent.entry(reason.clone()).or_default() += n;
+        }
+        for (outcome, n) in &other.outcomes {
+            *self.outcomes.entry(outcome).or_default() += n;
+        }
+    }
+}

@@ -1,0 +1,86 @@
+//! The real `kalive-daemon run` binary: for a peer made unreachable it prints the probes and the
+//! `dead` outcome within idle + count x interval + 2 s, matching the kernel's counters.
+
+use std::time::{Duration, Instant};
+
+use kalive_testkit::{
+    daemon::DaemonProcess,
+    netns::Netns,
+    privilege::privileged,
+    proc_net::{delta, tcp_ext},
+    sockets::{
+        connected_pair, drop_all_inbound, enable_keepalive, listen, socket_error, Keepalive,
+    },
+};
+
+use crate::DAEMON;
+
+#[test]
+fn daemon_prints_probes_and_dead_outcome_in_time() {
+    if !privileged("daemon_prints_probes_and_dead_outcome_in_time") {
+        return;
+    }
+    let daemon = DaemonProcess::start(DAEMON, &[]);
+    let lines = &daemon.lines;
+
+    let settings = Keepalive {
+        idle_s: 1,
+        interval_s: 1,
+        count: 3,
+    };
+    let netns = Netns::new();
+    let (kernel, port, connected_at) = netns.run(|| {
+        let before = tcp_ext();
+        let listener = listen("127.0.0.1:0");
+        let (client, _server) = connected_pair(&listener);
+        let connected_at = Instant::now();
+        enable_keepalive(&client, Some(settings));
+        drop_all_inbound(&client);
+        std::thread::sleep(Duration::from_secs(6));
+        assert_eq!(socket_error(&client), libc::ETIMEDOUT);
+        (
+            delta(&before, &tcp_ext()),
+            client.local_addr().expect("address").port(),
+            connected_at,
+        )
+    });
+
+    let local = format!("local=127.0.0.1:{port} ");
+    let deadline =
+        Duration::from_secs((settings.idle_s + settings.count * settings.interval_s + 2) as u64);
+    let mut probes = 0;
+    let (printed_at, outcome) = loop {
+        let (at, line) = lines
+            .recv_timeout(Duration::from_secs(10))
+            .expect("no outcome line from the daemon");
+        if !line.contains(&local) {
+            continue;
+        }
+        if line.contains("event=probe ") {
+            probes += 1;
+        }
+        if line.contains("event=outcome") {
+            break (at, line);
+        }
+    };
+    let detected_after = printed_at.duration_since(connected_at);
+    drop(daemon);
+    assert!(
+        outcome.contains("outcome=dead") && outcome.contains("error=ETIMEDOUT"),
+        "{outcome}"
+    );
+    assert_eq!(
+        probes, kernel.keepalive_probes,
+        "probe lines vs TcpExt TCPKeepAlive"
+    );
+    assert!(
+        outcome.contains(&format!("probes_sent={}", kernel.keepalive_probes)),
+        "{outcome}"
+    );
+    assert_eq!(kernel.aborts_on_timeout, 1);
+    // The bound: the outcome is printed within idle + count x interval + 2 s.
+    assert!(
+        detected_after <= deadline,
+        "dead printed {detected_after:?} after connecting"
+    );
+}

@@ -1,0 +1,133 @@
+//! The real `kalive-daemon` binary as a child process, and promtool on its exposition.
+
+use std::{
+    net::SocketAddr,
+    process::{Child, Command},
+    time::Duration,
+};
+
+use kalive_daemon::tracking::totals::Totals;
+
+use crate::proc_net::KernelDelta;
+
+/// The real `kalive-daemon run` binary, started with `args` after `run --listen 127.0.0.1:0`,
+/// stopped with SIGTERM on drop. Its log lines arrive on `lines`, stamped on arrival.
+pub struct DaemonProcess {
+    _child: KillOnDrop,
+    pub lines: std::sync::mpsc::Receiver<(std::time::Instant, String)>,
+    /// Where its HTTP server listens.
+    pub http: SocketAddr,
+}
+
+impl DaemonProcess {
+    /// Starts `binary` (the test's `env!("CARGO_BIN_EXE_kalive-daemon")`) and waits until it
+    /// serves.
+    pub fn start(binary: &str, args: &[&str]) -> DaemonProcess {
+        use std::io::BufRead as _;
+        let mut child = Command::new(binary)
+            .args(["run", "--listen", "127.0.0.1:0"])
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("start kalive-daemon");
+        let stderr = child.stderr.take().expect("daemon stderr");
+        let (lines_tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stderr)
+                .lines()
+                .map_while(Result::ok)
+            {
+                if lines_tx.send((std::time::Instant::now(), line)).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut daemon = DaemonProcess {
+            _child: KillOnDrop(child),
+            lines,
+            http: SocketAddr::from(([0, 0, 0, 0], 0)),
+        };
+        loop {
+            let (_, line) = daemon
+                .lines
+                .recv_timeout(Duration::from_secs(30))
+                .expect("kalive-daemon did not start within 30 s");
+            assert!(!line.starts_with("error:"), "kalive-daemon failed: {line}");
+            // "serving http://127.0.0.1:PORT/metrics, ..."
+            if let Some(rest) = line.split("serving http://").nth(1) {
+                let address = rest.split('/').next().unwrap_or_default();
+                daemon.http = address.parse().expect("the daemon's HTTP address");
+                return daemon;
+            }
+        }
+    }
+
+    /// GET `path` from the daemon's HTTP server: (status, body).
+    pub fn get(&self, path: &str) -> (u16, String) {
+        let url = format!("http://{}{path}", self.http);
+        match ureq::get(&url)
+            .config()
+            .http_status_as_error(false)
+            .build()
+            .call()
+        {
+            Ok(mut response) => (
+                response.status().as_u16(),
+                response.body_mut().read_to_string().expect("body"),
+            ),
+            Err(err) => panic!("GET {url}: {err}"),
+        }
+    }
+}
+
+/// `promtool check metrics` on an exposition: it must pass without a single warning.
+pub fn promtool_check(exposition: &str) {
+    use std::io::Write as _;
+    let mut promtool = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run promtool (install it: `cargo xtask setup`)");
+    promtool
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(exposition.as_bytes())
+        .expect("feed promtool");
+    let output = promtool.wait_with_output().expect("promtool");
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        output.status.success() && said.trim().is_empty(),
+        "promtool refused or warned about the exposition: {said}"
+    );
+}
+
+/// A child process (the daemon binary) stopped with SIGTERM and reaped on drop.
+pub struct KillOnDrop(pub Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        // SAFETY: signalling our own child process.
+        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
+        let _ = self.0.wait();
+    }
+}
+
+/// kalive's probes and keepalive timeouts equal the kernel's TcpExt deltas.
+pub fn assert_matches_kernel(kalive: &Totals, kernel: KernelDelta) {
+    assert_eq!(
+        kalive.probes_sent, kernel.keepalive_probes,
+        "probes sent: kalive {kalive:?} vs kernel {kernel:?}"
+    );
+    assert_eq!(
+        kalive.keepalive_timeouts, kernel.aborts_on_timeout,
+        "keepalive timeouts: kalive {kalive:?} vs kernel {kernel:?}"
+    );
+}

@@ -1,0 +1,145 @@
+//! The daemon's collector running in the test's own process, through the daemon's own
+//! load/attach/collect code (`Collector::start`).
+
+use std::time::Duration;
+
+use kalive_daemon::{
+    collector::{Collected, Collector, CollectorOptions, Shared},
+    kernel::loader::HookMode,
+    tracking::{
+        connection::{Connection, EndedConnection},
+        totals::Totals,
+    },
+};
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    netns::Netns,
+    privilege::privileged,
+    scenarios::{self, ended_in, KernelRun, Mismatch, Verified},
+};
+
+/// The hook mode the tests ask for: `KALIVE_TEST_HOOK_MODE=fentry|kprobe|tracepoint`, else auto.
+pub fn test_hook_mode() -> HookMode {
+    std::env::var("KALIVE_TEST_HOOK_MODE")
+        .ok()
+        .and_then(|name| name.parse().ok())
+        .unwrap_or(HookMode::Auto)
+}
+
+/// A collector in this process, stopped on drop.
+pub struct Kalive {
+    runtime: tokio::runtime::Runtime,
+    collector: Option<Collector>,
+    shared: Shared,
+    cancel: CancellationToken,
+}
+
+impl Kalive {
+    /// The privilege gate, then a collector: None when the test must skip.
+    pub fn start_for(test: &str) -> Option<Kalive> {
+        privileged(test).then(Kalive::start)
+    }
+
+    /// The start of most privileged tests: the gate, a collector and a namespace of the test's
+    /// own.
+    pub fn start_in_netns(test: &str) -> Option<(Kalive, Netns)> {
+        Kalive::start_for(test).map(|kalive| (kalive, Netns::new()))
+    }
+
+    pub fn start() -> Kalive {
+        Kalive::start_with(CollectorOptions {
+            hook_mode: test_hook_mode(),
+            history_limit: 100_000,
+            log_probes: false,
+            series: Default::default(),
+        })
+    }
+
+    pub fn start_with(options: CollectorOptions) -> Kalive {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("tokio runtime");
+        let cancel = CancellationToken::new();
+        let collector = {
+            let _guard = runtime.enter();
+            Collector::start(options, cancel.clone())
+                .unwrap_or_else(|err| panic!("kalive failed to start: {err}"))
+        };
+        Kalive {
+            shared: collector.shared.clone(),
+            runtime,
+            collector: Some(collector),
+            cancel,
+        }
+    }
+
+    /// What the collector has collected.
+    pub fn shared(&self) -> &Shared {
+        &self.shared
+    }
+
+    /// Runs `read` on the collected data under its lock.
+    pub fn read<T>(&self, read: impl FnOnce(&Collected) -> T) -> T {
+        read(&self.shared.lock())
+    }
+
+    /// Compares kalive with a shared scenario's ground truth (`scenarios::verify`).
+    pub fn verify(&self, run: &KernelRun, timeout: Duration) -> Result<Verified, Mismatch> {
+        scenarios::verify(&self.shared, run, timeout)
+    }
+
+    /// Waits until `check` holds on the collected data (true) or `timeout` passes (false).
+    pub fn wait_for(&self, timeout: Duration, check: impl FnMut(&Collected) -> bool) -> bool {
+        scenarios::wait_until(&self.shared, timeout, check)
+    }
+
+    pub fn totals(&self, netns: u32) -> Totals {
+        self.read(|collected| collected.table.totals(netns))
+    }
+
+    /// Ended connections of one namespace, oldest first.
+    pub fn ended(&self, netns: u32) -> Vec<EndedConnection> {
+        self.read(|collected| ended_in(&collected.table, netns))
+    }
+
+    /// Live connections of one namespace.
+    pub fn live(&self, netns: u32) -> Vec<Connection> {
+        self.read(|collected| {
+            collected
+                .table
+                .connections()
+                .filter(|c| c.netns == netns)
+                .cloned()
+                .collect()
+        })
+    }
+
+    /// The number of ended connections seen in `netns` reaches `count` within `timeout`.
+    pub fn wait_for_outcomes(&self, netns: u32, count: usize, timeout: Duration) -> bool {
+        self.wait_for(timeout, |collected| {
+            collected
+                .table
+                .ended()
+                .filter(|e| e.connection.netns == netns)
+                .count()
+                >= count
+        })
+    }
+
+    /// Events the kernel programs counted as lost.
+    pub fn kernel_drops(&self) -> u64 {
+        self.read(|collected| collected.stats.kernel_drops.iter().sum())
+    }
+}
+
+impl Drop for Kalive {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+        if let Some(collector) = self.collector.take() {
+            let _ = self.runtime.block_on(collector.wait());
+        }
+    }
+}
