@@ -25,6 +25,7 @@ use crate::{
     },
     kernel::{
         decode::decode,
+        ebpf_log::{self, EbpfLogLevel},
         loader::{load_and_attach, AttachError, HookMode, LoadError},
         procfs::{kernel_release, process_start_boot_ns},
         program_stats::ProgramHandles,
@@ -156,6 +157,8 @@ pub enum CollectorError {
     Poll(#[source] std::io::Error),
     #[error("setting up the metrics failed: {0}")]
     Metrics(#[from] prometheus::Error),
+    #[error("reading the kernel programs' log (--ebpf-log) failed: {0}; run without --ebpf-log")]
+    EbpfLog(#[source] aya_log::Error),
     #[error(
         "the collector task ended unexpectedly ({0}); restart kalive-daemon and report the log \
          above"
@@ -165,6 +168,8 @@ pub enum CollectorError {
 
 pub struct CollectorOptions {
     pub hook_mode: HookMode,
+    /// The kernel programs' own log (off by default).
+    pub ebpf_log: EbpfLogLevel,
     pub history_limit: usize,
     /// Log every probe (outcomes are always logged).
     pub log_probes: bool,
@@ -187,8 +192,11 @@ impl Collector {
         options: CollectorOptions,
         cancel: CancellationToken,
     ) -> Result<Self, CollectorError> {
-        let loaded = load_and_attach(options.hook_mode)?;
+        let loaded = load_and_attach(options.hook_mode, options.ebpf_log)?;
         let mut ebpf = loaded.ebpf;
+        if options.ebpf_log != EbpfLogLevel::Off {
+            ebpf_log::forward(&mut ebpf, cancel.clone()).map_err(CollectorError::EbpfLog)?;
+        }
         let ring = take_map(&mut ebpf, names::MAP_EVENTS)?;
         let ring = RingBuf::try_from(ring).map_err(|source| CollectorError::Map {
             name: names::MAP_EVENTS,

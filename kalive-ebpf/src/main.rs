@@ -16,6 +16,7 @@
 
 mod kernel;
 mod lifecycle;
+mod log;
 mod maps;
 mod timer_run;
 
@@ -31,6 +32,7 @@ use crate::kernel::{read_uint, sock_field};
 fn fentry_tcp_keepalive_timer(ctx: FEntryContext) -> i32 {
     let timer: u64 = ctx.arg(0);
     timer_run::begin(timer);
+    log::lost_events();
     0
 }
 
@@ -39,6 +41,7 @@ fn fentry_tcp_keepalive_timer(ctx: FEntryContext) -> i32 {
 fn fexit_tcp_keepalive_timer(ctx: FExitContext) -> i32 {
     let timer: u64 = ctx.arg(0);
     timer_run::finish(timer);
+    log::lost_events();
     0
 }
 
@@ -48,6 +51,7 @@ fn kprobe_tcp_keepalive_timer(ctx: ProbeContext) -> u32 {
     if let Some(timer) = ctx.arg::<u64>(0) {
         timer_run::begin(timer);
     }
+    log::lost_events();
     0
 }
 
@@ -56,6 +60,7 @@ fn kprobe_tcp_keepalive_timer(ctx: ProbeContext) -> u32 {
 #[kretprobe]
 fn kretprobe_tcp_keepalive_timer(_ctx: RetProbeContext) -> u32 {
     timer_run::finish(timer_run::ANY_TIMER);
+    log::lost_events();
     0
 }
 
@@ -75,6 +80,7 @@ fn timer_expire_entry(ctx: RawTracePointContext) -> i32 {
         return 0;
     }
     timer_run::begin(timer);
+    log::lost_events();
     0
 }
 
@@ -84,6 +90,7 @@ fn timer_expire_entry(ctx: RawTracePointContext) -> i32 {
 fn timer_expire_exit(ctx: RawTracePointContext) -> i32 {
     let timer: u64 = ctx.arg(0);
     timer_run::finish(timer);
+    log::lost_events();
     0
 }
 
@@ -91,6 +98,7 @@ fn timer_expire_exit(ctx: RawTracePointContext) -> i32 {
 #[raw_tracepoint(tracepoint = "tcp_receive_reset")]
 fn tcp_receive_reset(ctx: RawTracePointContext) -> i32 {
     lifecycle::reset_received(ctx.arg(0));
+    log::lost_events();
     0
 }
 
@@ -100,6 +108,7 @@ fn tcp_receive_reset(ctx: RawTracePointContext) -> i32 {
 fn tcp_send_reset_with_reason(ctx: RawTracePointContext) -> i32 {
     let reason: u64 = ctx.arg(2);
     lifecycle::reset_sent(ctx.arg(0), reason as u32);
+    log::lost_events();
     0
 }
 
@@ -108,6 +117,7 @@ fn tcp_send_reset_with_reason(ctx: RawTracePointContext) -> i32 {
 #[raw_tracepoint(tracepoint = "tcp_send_reset")]
 fn tcp_send_reset(ctx: RawTracePointContext) -> i32 {
     lifecycle::reset_sent(ctx.arg(0), kalive_common::REASON_UNKNOWN);
+    log::lost_events();
     0
 }
 
@@ -115,6 +125,7 @@ fn tcp_send_reset(ctx: RawTracePointContext) -> i32 {
 #[raw_tracepoint(tracepoint = "inet_sk_error_report")]
 fn inet_sk_error_report(ctx: RawTracePointContext) -> i32 {
     lifecycle::error_report(ctx.arg(0));
+    log::lost_events();
     0
 }
 
@@ -130,6 +141,7 @@ fn inet_sock_set_state(ctx: RawTracePointContext) -> i32 {
         return 0;
     }
     lifecycle::closed(sock, 0);
+    log::lost_events();
     0
 }
 
@@ -137,6 +149,7 @@ fn inet_sock_set_state(ctx: RawTracePointContext) -> i32 {
 #[raw_tracepoint(tracepoint = "tcp_destroy_sock")]
 fn tcp_destroy_sock(ctx: RawTracePointContext) -> i32 {
     lifecycle::closed(ctx.arg(0), kalive_common::event_flag::DESTROYED);
+    log::lost_events();
     0
 }
 

@@ -35,7 +35,15 @@ pub(crate) fn count_drop(reason: u32) {
         // SAFETY: a valid, aligned per-CPU u64 for this program run.
         unsafe { *counter += 1 };
     }
+    if let Some(pending) = DROPS_TO_LOG.get_ptr_mut(0) {
+        // SAFETY: as above; `log::lost_events` reports and clears it when the program ends.
+        unsafe { *pending |= 1 << (reason & 31) };
+    }
 }
+
+/// Per CPU: the loss reasons (bits) of the current program run, for the kernel log.
+#[map]
+pub(crate) static DROPS_TO_LOG: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
 
 /// Nesting levels of kalive programs on one CPU that can need scratch space at once: process
 /// context, softirq, hardirq and NMI.

@@ -202,6 +202,18 @@ fn record(run: &TimerRun) {
     }
 
     event.flags |= flags;
+    crate::log::run_decision(&crate::log::RunSummary {
+        netns: event.conn.netns,
+        local_port: event.conn.local_port,
+        remote_port: event.conn.remote_port,
+        state_before: run.state_before,
+        state_after,
+        probes_out_before: run.probes_out_before,
+        probes_out_after,
+        idle_jiffies: idle,
+        idle_limit_jiffies: event.conn.idle_jiffies,
+        flags: event.flags,
+    });
     let interesting = event_flag::FIRST_SEEN
         | event_flag::PROBE_SENT
         | event_flag::PREVIOUS_PROBE_ANSWERED

@@ -50,6 +50,7 @@ impl Kalive {
     pub fn start() -> Kalive {
         Kalive::start_with(CollectorOptions {
             hook_mode: test_hook_mode(),
+            ebpf_log: Default::default(),
             history_limit: 100_000,
             log_probes: false,
             series: Default::default(),

@@ -10,6 +10,7 @@ use kalive_common::names;
 
 use crate::kernel::{
     btf_layout::{BtfError, KernelTypes},
+    ebpf_log::EbpfLogLevel,
     hz::{kernel_hz, HzError},
     kallsyms::{function_address, KallsymsError},
     privileges::{has_bpf_capabilities, is_root},
@@ -212,8 +213,9 @@ fn send_reset_program(types: &KernelTypes) -> Result<&'static str, LoadError> {
     }
 }
 
-/// Loads the programs with this kernel's layouts and attaches them in `requested` mode.
-pub fn load_and_attach(requested: HookMode) -> Result<Loaded, LoadError> {
+/// Loads the programs with this kernel's layouts and attaches them in `requested` mode; their
+/// own log writes records up to `ebpf_log`.
+pub fn load_and_attach(requested: HookMode, ebpf_log: EbpfLogLevel) -> Result<Loaded, LoadError> {
     if !is_root() && !has_bpf_capabilities() {
         return Err(LoadError::NotPrivileged(
             "the current user has neither root nor CAP_BPF+CAP_PERFMON; run with sudo".to_owned(),
@@ -242,6 +244,7 @@ pub fn load_and_attach(requested: HookMode) -> Result<Loaded, LoadError> {
         .btf(Some(&btf))
         .override_global(names::GLOBAL_SOCK_LAYOUT, &sock_layout, true)
         .override_global(names::GLOBAL_KEEPALIVE_TIMER_FN, &timer_fn_address, true)
+        .override_global(aya_log::LEVEL, &ebpf_log.global_value(), true)
         .load(KERNEL_PROGRAMS)
         .map_err(|err| match &err {
             aya::EbpfError::MapError(aya::maps::MapError::CreateError { io_error, .. })

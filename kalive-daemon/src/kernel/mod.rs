@@ -4,6 +4,7 @@
 
 pub mod btf_layout;
 pub mod decode;
+pub mod ebpf_log;
 pub mod errno;
 pub mod hz;
 pub mod kallsyms;

@@ -9,7 +9,8 @@ use kalive_testkit::{
     privilege::privileged,
     proc_net::{delta, tcp_ext},
     sockets::{
-        connected_pair, drop_all_inbound, enable_keepalive, listen, socket_error, Keepalive,
+        connected_pair, drop_all_inbound, enable_keepalive, listen, local_port, socket_error,
+        Keepalive, FAST,
     },
 };
 
@@ -82,5 +83,52 @@ fn daemon_prints_probes_and_dead_outcome_in_time() {
     assert!(
         detected_after <= deadline,
         "dead printed {detected_after:?} after connecting"
+    );
+}
+
+/// `--ebpf-log debug`: the kernel programs explain each keepalive run of a dead peer's
+/// connection through the daemon's log: one "sent a probe" per probe TcpExt counted, then the
+/// timeout.
+#[test]
+fn ebpf_log_explains_each_keepalive_run() {
+    if !privileged("ebpf_log_explains_each_keepalive_run") {
+        return;
+    }
+    let daemon = DaemonProcess::start(DAEMON, &["--ebpf-log", "debug", "--quiet-probes"]);
+    let netns = Netns::new();
+    let (kernel, port) = netns.run(|| {
+        let before = tcp_ext();
+        let listener = listen("127.0.0.1:0");
+        let (client, _server) = connected_pair(&listener);
+        enable_keepalive(&client, Some(FAST));
+        drop_all_inbound(&client);
+        std::thread::sleep(Duration::from_secs(6));
+        assert_eq!(socket_error(&client), libc::ETIMEDOUT);
+        (delta(&before, &tcp_ext()), local_port(&client))
+    });
+    // The kernel's lines name the namespace and ports. They come through a ring buffer of
+    // their own, so read on for a second after the daemon's outcome line.
+    let mine = format!("netns {} port {port} ->", netns.inum);
+    let (mut probes, mut timeouts) = (0, 0);
+    let mut until = Instant::now() + Duration::from_secs(20);
+    while let Ok((_, line)) = daemon
+        .lines
+        .recv_timeout(until.saturating_duration_since(Instant::now()))
+    {
+        if line.contains("kalive_ebpf") && line.contains(&mine) {
+            probes += u64::from(line.contains(": sent a probe;"));
+            timeouts += u64::from(line.contains(": closed the connection (timeout);"));
+        }
+        if line.contains("event=outcome") && line.contains(&format!(":{port} ")) {
+            until = until.min(Instant::now() + Duration::from_secs(1));
+        }
+    }
+    assert_eq!(
+        probes, kernel.keepalive_probes,
+        "probe runs vs TcpExt TCPKeepAlive"
+    );
+    assert_eq!(
+        timeouts, kernel.aborts_on_timeout,
+        "timeout runs vs TCPAbortOnTimeout"
     );
 }

@@ -17,17 +17,12 @@ use kalive_testkit::{
     proc_net::{delta, tcp_ext, tcp_snmp, KernelDelta},
     sockets::{
         close_with_rst, connected_pair, detach_filter, drop_all_inbound, enable_keepalive, listen,
-        socket_error, Keepalive,
+        socket_error, Keepalive, FAST,
     },
 };
 
 use crate::DAEMON;
 
-const FAST: Keepalive = Keepalive {
-    idle_s: 1,
-    interval_s: 1,
-    count: 3,
-};
 const SLOW: Keepalive = Keepalive {
     idle_s: 2,
     interval_s: 1,

@@ -208,6 +208,7 @@ fn run_mode(runtime: &tokio::runtime::Runtime, mode: HookMode) {
     let cancel = CancellationToken::new();
     let options = CollectorOptions {
         hook_mode: mode,
+        ebpf_log: Default::default(),
         history_limit: 10_000,
         log_probes: false,
         series: Default::default(),

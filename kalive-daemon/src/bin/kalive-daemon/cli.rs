@@ -12,7 +12,7 @@ use kalive_daemon::{
         http::DEFAULT_LISTEN,
         metrics::{ExtraLabel, DEFAULT_MAX_SERIES},
     },
-    kernel::loader::HookMode,
+    kernel::{ebpf_log::EbpfLogLevel, loader::HookMode},
 };
 
 use crate::top::column::Column;
@@ -44,6 +44,14 @@ fn hook_mode_parser() -> impl clap::builder::TypedValueParser<Value = HookMode> 
     .try_map(|name| name.parse::<HookMode>())
 }
 
+/// `--ebpf-log`: the library's names, with its help for each.
+fn ebpf_log_parser() -> impl clap::builder::TypedValueParser<Value = EbpfLogLevel> {
+    PossibleValuesParser::new(
+        EbpfLogLevel::ALL.map(|level| PossibleValue::new(level.name()).help(level.describe())),
+    )
+    .try_map(|name| name.parse::<EbpfLogLevel>())
+}
+
 /// `--labels`: the library's names, with its help for each.
 fn label_parser() -> impl clap::builder::TypedValueParser<Value = ExtraLabel> {
     PossibleValuesParser::new(
@@ -65,6 +73,11 @@ pub(crate) struct RunArgs {
     /// Do not log each probe (outcomes are always logged).
     #[arg(long)]
     pub(crate) quiet_probes: bool,
+
+    /// The kernel programs' own log, through this log: `warn` shows each event they lost,
+    /// `debug` also each keepalive run's decision. Off costs nothing.
+    #[arg(long, default_value = "off", value_parser = ebpf_log_parser())]
+    pub(crate) ebpf_log: EbpfLogLevel,
 
     /// Address and port of the HTTP server (/metrics, /api/v1/..., /healthz). Port 0 picks a free
     /// port (logged at start).

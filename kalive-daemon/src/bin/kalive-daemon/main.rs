@@ -10,6 +10,7 @@ mod run;
 mod top;
 
 use clap::Parser as _;
+use kalive_daemon::kernel::ebpf_log::{self, EbpfLogLevel};
 
 use crate::cli::{Cli, Command};
 
@@ -20,8 +21,15 @@ fn main() -> std::process::ExitCode {
         Command::Top(_) => "off",
         Command::Run(_) => "info",
     };
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(default_filter))
-        .init();
+    let mut logger =
+        env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(default_filter));
+    if let Command::Run(args) = &cli.command {
+        // --ebpf-log asks for the kernel programs' records whatever RUST_LOG says.
+        if args.ebpf_log != EbpfLogLevel::Off {
+            logger.filter_module(ebpf_log::TARGET, args.ebpf_log.filter());
+        }
+    }
+    logger.init();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

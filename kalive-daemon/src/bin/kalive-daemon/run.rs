@@ -27,6 +27,7 @@ pub(crate) async fn run(args: RunArgs) -> anyhow::Result<()> {
     let collector = Collector::start(
         CollectorOptions {
             hook_mode: args.hook_mode,
+            ebpf_log: args.ebpf_log,
             history_limit: args.history as usize,
             log_probes: !args.quiet_probes,
             series: SeriesOptions {

@@ -33,7 +33,7 @@ use crossterm::event::Event as TerminalEvent;
 use kalive_daemon::{
     collector::{Collector, CollectorError, CollectorOptions},
     export::metrics::SeriesOptions,
-    kernel::privileges::is_root,
+    kernel::{ebpf_log::EbpfLogLevel, privileges::is_root},
 };
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -101,6 +101,7 @@ pub(crate) async fn run(args: TopArgs) -> Result<(), TopError> {
         let started = Collector::start(
             CollectorOptions {
                 hook_mode: args.hook_mode,
+                ebpf_log: EbpfLogLevel::Off,
                 history_limit: 10_000,
                 log_probes: false,
                 series: SeriesOptions::default(),
