@@ -10,15 +10,19 @@
 //! - `daemon`: the real `kalive-daemon` binary as a child process, and promtool;
 //! - `bpftool`: what bpftool says about kalive's programs;
 //! - `fixtures`: tables and API answers built from synthetic kernel records;
-//! - `server`: the daemon's HTTP server in-process on such a table.
+//! - `server`: the daemon's HTTP server in-process on such a table;
+//! - `ss`: what `ss -tion` says about a namespace's sockets;
+//! - `link`: two namespaces joined by a link with latency, loss and blackholes.
 
 pub mod bpftool;
 pub mod daemon;
 pub mod fixtures;
 pub mod kalive;
+pub mod link;
 pub mod netns;
 pub mod privilege;
 pub mod proc_net;
 pub mod scenarios;
 pub mod server;
 pub mod sockets;
+pub mod ss;
