@@ -3,6 +3,7 @@
 //! outcome. What it collects (`Collected`) is shared with the HTTP server behind one lock.
 
 use std::{
+    collections::HashMap,
     fmt,
     os::fd::AsRawFd,
     sync::{Arc, Mutex, MutexGuard},
@@ -10,10 +11,10 @@ use std::{
 };
 
 use aya::{
-    maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf},
+    maps::{HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuHashMap, RingBuf},
     Ebpf,
 };
-use kalive_common::{drop_reason, limits, loss_stage, names, ConnRecord};
+use kalive_common::{drop_reason, loss_stage, names, ResetKey, TrackedConn};
 use tokio::{io::unix::AsyncFd, task::JoinHandle};
 use tokio_util::sync::CancellationToken;
 
@@ -26,14 +27,22 @@ use crate::{
     kernel::{
         decode::decode,
         ebpf_log::{self, EbpfLogLevel},
-        loader::{load_and_attach, AttachError, HookMode, LoadError},
-        procfs::{kernel_release, process_start_boot_ns},
+        loader::{load_and_attach, AttachError, HookMode, LoadError, LoadOptions},
+        procfs::{boot_time_ns, kernel_release, process_start_boot_ns},
         program_stats::ProgramHandles,
+        sock_diag::{SockDiag, SocketId, TimerKind},
     },
-    tracking::table::{Applied, ConnectionTable},
+    tracking::table::{AnswerCheck, Applied, CheckResult, ConnectionTable},
 };
 
-/// How often the kernel's drop counters are read (also the drain loop's longest sleep).
+/// How often the ring buffer is drained without a wake-up, and answer checks are made.
+const DRAIN_TICK: Duration = Duration::from_millis(100);
+/// Socket queries a second by default to see answers to probes before the next keepalive run
+/// (each costs about 3 µs of the daemon's CPU).
+pub const DEFAULT_ANSWER_CHECKS_PER_SECOND: u32 = 1_000;
+/// Answer checks made at most in one tick.
+const MAX_CHECKS_PER_TICK: usize = 500;
+/// How often the kernel's loss counters and RST counts are read.
 const DROP_POLL: Duration = Duration::from_secs(1);
 /// How often the kernel's connections map is counted (one syscall per entry).
 const MAP_COUNT_POLL: Duration = Duration::from_secs(5);
@@ -167,10 +176,12 @@ pub enum CollectorError {
 }
 
 pub struct CollectorOptions {
-    pub hook_mode: HookMode,
-    /// The kernel programs' own log (off by default).
-    pub ebpf_log: EbpfLogLevel,
+    /// How to load the kernel programs (hook mode, their log, the map size).
+    pub load: LoadOptions,
     pub history_limit: usize,
+    /// Socket queries per second to see answers to probes before the next keepalive run
+    /// (0: only the kernel's records; see `AnswerChecks`).
+    pub answer_checks_per_second: u32,
     /// Log every probe (outcomes are always logged).
     pub log_probes: bool,
     /// Labels and the series cap of the per-connection counters.
@@ -192,9 +203,9 @@ impl Collector {
         options: CollectorOptions,
         cancel: CancellationToken,
     ) -> Result<Self, CollectorError> {
-        let loaded = load_and_attach(options.hook_mode, options.ebpf_log)?;
+        let loaded = load_and_attach(options.load)?;
         let mut ebpf = loaded.ebpf;
-        if options.ebpf_log != EbpfLogLevel::Off {
+        if options.load.ebpf_log != EbpfLogLevel::Off {
             ebpf_log::forward(&mut ebpf, cancel.clone()).map_err(CollectorError::EbpfLog)?;
         }
         let ring = take_map(&mut ebpf, names::MAP_EVENTS)?;
@@ -210,11 +221,17 @@ impl Collector {
             })?;
         let connections = take_map(&mut ebpf, names::MAP_CONNECTIONS)?;
         let connections =
-            BpfHashMap::<MapData, u64, ConnRecord>::try_from(connections).map_err(|source| {
+            BpfHashMap::<MapData, u64, TrackedConn>::try_from(connections).map_err(|source| {
                 CollectorError::Map {
                     name: names::MAP_CONNECTIONS,
                     source,
                 }
+            })?;
+        let untracked_resets = take_map(&mut ebpf, names::MAP_UNTRACKED_RESETS)?;
+        let untracked_resets = PerCpuHashMap::<MapData, ResetKey, u64>::try_from(untracked_resets)
+            .map_err(|source| CollectorError::Map {
+                name: names::MAP_UNTRACKED_RESETS,
+                source,
             })?;
         let metrics = Metrics::new(options.series)?;
         let kernel = kernel_release();
@@ -243,6 +260,10 @@ impl Collector {
                 drops,
                 programs,
                 connections,
+                max_connections: options.load.max_connections,
+                untracked_resets,
+                reset_counts: HashMap::new(),
+                checks: AnswerChecks::new(options.answer_checks_per_second),
             },
             shared.clone(),
             cancel,
@@ -270,12 +291,17 @@ fn take_map(ebpf: &mut Ebpf, name: &'static str) -> Result<aya::maps::Map, Colle
     ebpf.take_map(name).ok_or(CollectorError::MissingMap(name))
 }
 
-/// The kernel maps the drain loop reads.
+/// The kernel maps the drain loop reads, and what it remembers of them.
 struct Kernel {
     ring: AsyncFd<RingBuf<MapData>>,
     drops: PerCpuArray<MapData, u64>,
     programs: ProgramHandles,
-    connections: BpfHashMap<MapData, u64, ConnRecord>,
+    connections: BpfHashMap<MapData, u64, TrackedConn>,
+    max_connections: u32,
+    untracked_resets: PerCpuHashMap<MapData, ResetKey, u64>,
+    /// Each UNTRACKED_RESETS label set's total at the last read.
+    reset_counts: HashMap<ResetKey, u64>,
+    checks: AnswerChecks,
 }
 
 /// Drains until cancelled or failed, and records why it stopped for /healthz.
@@ -293,6 +319,9 @@ async fn drain_until_stopped(
     result
 }
 
+/// The drain loop. The kernel programs wake it only when the ring buffer fills up (a wake-up
+/// per record would cost more than the record), so it also drains on a short timer; each tick
+/// also asks the kernel about probes whose answer is due.
 async fn drain(
     mut kernel: Kernel,
     shared: &Shared,
@@ -303,6 +332,8 @@ async fn drain(
         "draining ring buffer fd {}",
         kernel.ring.get_ref().as_raw_fd()
     );
+    let mut drain_tick = tokio::time::interval(DRAIN_TICK);
+    drain_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut drop_poll = tokio::time::interval(DROP_POLL);
     let mut map_count_poll = tokio::time::interval(MAP_COUNT_POLL);
     loop {
@@ -316,25 +347,138 @@ async fn drain(
                 drain_ready(guard.get_inner_mut(), shared, log_probes);
                 guard.clear_ready();
             }
+            _ = drain_tick.tick() => {
+                drain_ready(kernel.ring.get_mut(), shared, log_probes);
+                kernel.checks.run(shared);
+            }
             _ = drop_poll.tick() => {
                 read_drops(&kernel.drops, shared);
                 read_program_skips(&kernel.programs, shared);
+                read_untracked_resets(&kernel.untracked_resets, &mut kernel.reset_counts, shared);
             }
-            _ = map_count_poll.tick() => count_connections(&kernel.connections, shared),
+            _ = map_count_poll.tick() => {
+                count_connections(&kernel.connections, kernel.max_connections, shared);
+            }
         }
         shared.lock().health.last_drain = Instant::now();
     }
 }
 
-/// Counts the entries of the kernel's connections map (LRU: the kernel evicts the oldest when
-/// it is full, so a full map means connections are being forgotten).
-fn count_connections(connections: &BpfHashMap<MapData, u64, ConnRecord>, shared: &Shared) {
+/// Counts the entries of the kernel's connections map (when it is full, new keepalive
+/// connections are reported without being tracked: `map_full`).
+fn count_connections(
+    connections: &BpfHashMap<MapData, u64, TrackedConn>,
+    capacity: u32,
+    shared: &Shared,
+) {
     let entries = connections.keys().filter(Result::is_ok).count();
-    shared.lock().metrics.set_map(
-        "kernel_connections",
-        entries,
-        limits::MAX_CONNECTIONS as usize,
-    );
+    shared
+        .lock()
+        .metrics
+        .set_map("kernel_connections", entries, capacity as usize);
+}
+
+/// Adds what the kernel counted of RSTs on untracked sockets since the last read.
+fn read_untracked_resets(
+    map: &PerCpuHashMap<MapData, ResetKey, u64>,
+    last: &mut HashMap<ResetKey, u64>,
+    shared: &Shared,
+) {
+    let mut applied = Applied::default();
+    let mut guard = shared.lock();
+    let collected = &mut *guard;
+    for entry in map {
+        let Ok((key, per_cpu)) = entry else {
+            continue;
+        };
+        let total: u64 = per_cpu.iter().sum();
+        let seen = last.entry(key).or_insert(0);
+        let new = total.saturating_sub(*seen);
+        *seen = total;
+        applied.extend(collected.table.count_untracked_resets(&key, new));
+    }
+    for tally in &applied.tallies {
+        collected.metrics.record(tally);
+    }
+}
+
+/// Socket queries that see a probe's answer before the next keepalive run (at most `budget`
+/// a second, so a probe storm cannot make the daemon busy: beyond it, answers are seen at the
+/// next run, or the probe counts as overdue).
+struct AnswerChecks {
+    diag: SockDiag,
+    budget: u32,
+    /// Queries left in the current second, and when it began.
+    left: u32,
+    second: Instant,
+    /// Why the last query failed, logged once per distinct reason.
+    last_failure: Option<String>,
+}
+
+impl AnswerChecks {
+    fn new(budget: u32) -> AnswerChecks {
+        AnswerChecks {
+            diag: SockDiag::new(),
+            budget,
+            left: budget,
+            second: Instant::now(),
+            last_failure: None,
+        }
+    }
+
+    /// Asks about the probes whose answer is due, within the budget.
+    fn run(&mut self, shared: &Shared) {
+        if self.second.elapsed() >= Duration::from_secs(1) {
+            self.left = self.budget;
+            self.second = Instant::now();
+        }
+        let now_ns = boot_time_ns();
+        let due = shared.lock().table.due_checks(now_ns, MAX_CHECKS_PER_TICK);
+        if due.is_empty() {
+            return;
+        }
+        let mut results = Vec::with_capacity(due.len());
+        for check in &due {
+            let result = if self.left == 0 {
+                CheckResult::Unavailable
+            } else {
+                self.left -= 1;
+                self.ask(check)
+            };
+            results.push(result);
+        }
+        let now_ns = boot_time_ns();
+        let mut collected = shared.lock();
+        for (check, result) in due.iter().zip(results) {
+            collected.table.apply_check(check, result, now_ns);
+        }
+    }
+
+    fn ask(&mut self, check: &AnswerCheck) -> CheckResult {
+        let id = SocketId::new(check.local, check.remote);
+        match self.diag.query(check.netns, &id) {
+            Ok(None) => CheckResult::Gone,
+            Ok(Some(socket)) => CheckResult::Socket {
+                probes_out: u32::from(socket.probes.unwrap_or(socket.timer_count)),
+                since_last_ack: socket
+                    .last_ack_recv_ms
+                    .map(|ms| Duration::from_millis(u64::from(ms))),
+                keepalive_timer: socket.timer == TimerKind::KeepaliveOrFinWait2,
+                state: socket.state,
+            },
+            Err(err) => {
+                let reason = err.to_string();
+                if self.last_failure.as_ref() != Some(&reason) {
+                    log::warn!(
+                        "asking the kernel about a probe's answer failed: {reason}; answers are \
+                         seen at the next keepalive run instead"
+                    );
+                    self.last_failure = Some(reason);
+                }
+                CheckResult::Unavailable
+            }
+        }
+    }
 }
 
 fn drain_ready(ring: &mut RingBuf<MapData>, shared: &Shared, log_probes: bool) {
@@ -380,6 +524,14 @@ fn read_drops(drops: &PerCpuArray<MapData, u64>, shared: &Shared) {
             log::warn!("kernel programs lost {} event(s): {stage}", new - old);
             collected.metrics.add_lost(stage, new - old);
         }
+    }
+    let index = drop_reason::PROBES_IN_LOST_RECORDS as usize;
+    let lost_probes = totals[index].saturating_sub(collected.stats.kernel_drops[index]);
+    if lost_probes > 0 {
+        log::warn!(
+            "{lost_probes} keepalive probe(s) were sent in timer runs whose record was lost"
+        );
+        collected.metrics.add_unreported_probes(lost_probes);
     }
     collected.stats.kernel_drops = totals;
 }

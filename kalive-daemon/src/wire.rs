@@ -140,8 +140,14 @@ pub struct ConnectionJson {
     pub first_seen_unix_seconds: f64,
     /// alive, probing, rebooted, reset (and the final states in events).
     pub peer_state: PeerStateKind,
-    /// The state with probes outstanding: "probing 2/3".
+    /// The state with probes outstanding: "probing 2/3"; ", window closed" added while the
+    /// peer's receive window is closed (see `peer_window_closed`).
     pub peer_state_detail: String,
+    /// The peer advertises a zero receive window while data waits to be sent: the kernel sends
+    /// zero-window probes (the persist timer, TcpExt TCPWinProbe), not keepalive probes. The
+    /// peer answers them, so it is alive; its application is not reading.
+    #[serde(default)]
+    pub peer_window_closed: bool,
     pub reset_received: bool,
     pub last_error: Option<String>,
     pub hook_mode: String,
@@ -173,6 +179,12 @@ pub struct EventJson {
     /// For ended connections: the outcome and the socket error.
     pub outcome: Option<PeerStateKind>,
     pub error: Option<String>,
+    /// For ended connections: what decided the outcome (`retransmit_timeout`,
+    /// `rst_during_probe`, ...), and a sentence saying what it means.
+    #[serde(default)]
+    pub signal: Option<String>,
+    #[serde(default)]
+    pub detail: Option<String>,
     pub connection: ConnectionJson,
 }
 

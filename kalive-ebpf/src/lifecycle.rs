@@ -1,38 +1,21 @@
-//! Resets, socket errors and closes, tied to the tracked connection they belong to.
+//! Resets, socket errors and closes. They fire for every TCP socket of the host, so each one
+//! leaves as early as it can: a socket kalive does not track costs a map lookup, and an RST on
+//! one is counted in a per-CPU map (UNTRACKED_RESETS) rather than sent as a record.
 //!
 //! While a keepalive timer run is in progress on this CPU for the same socket, they are recorded
 //! in the run (`TimerRun`) and reported by `timer_run::finish`, so a timeout or an RST answering a
-//! probe arrives as one event with everything that happened.
+//! probe arrives as one record with everything that happened.
 
-use aya_ebpf::helpers::bpf_ktime_get_boot_ns;
+use aya_ebpf::helpers::{bpf_jiffies64, bpf_ktime_get_boot_ns};
 use kalive_common::{
-    event_flag, event_kind, ConnRecord, TimerRun, AF_INET6, IPPROTO_TCP, REASON_UNKNOWN,
+    errno, event_flag, event_kind, reset_kind, TimerRun, TrackedConn, REASON_UNKNOWN,
 };
 
 use crate::{
-    kernel::{read_bytes, read_uint, sock_field},
-    maps::{emit, run_in_progress, scratch_event, ScratchEvent, CONNECTIONS},
+    kernel::{read_uint, sock_field},
+    maps::{count_untracked_reset, emit, run_in_progress, scratch_event, CONNECTIONS},
+    socket::{read_identity, read_sample, reset_key},
 };
-
-/// Fills the connection's identity (addresses, ports, family, network namespace) from the socket.
-#[inline(always)]
-pub(crate) fn read_identity(sock: u64, conn: &mut ConnRecord) {
-    let family = read_uint(sock, sock_field!(family)) as u16;
-    conn.family = family;
-    conn.local_port = read_uint(sock, sock_field!(local_port)) as u16;
-    // skc_dport is in network byte order.
-    conn.remote_port = u16::from_be(read_uint(sock, sock_field!(remote_port)) as u16);
-    if family == AF_INET6 {
-        read_bytes(sock, sock_field!(local_addr6), &mut conn.local_addr);
-        read_bytes(sock, sock_field!(remote_addr6), &mut conn.remote_addr);
-    } else {
-        read_bytes(sock, sock_field!(local_addr4), &mut conn.local_addr);
-        read_bytes(sock, sock_field!(remote_addr4), &mut conn.remote_addr);
-    }
-    let net = read_uint(sock, sock_field!(net));
-    conn.netns = read_uint(net, sock_field!(net_inum)) as u32;
-    conn.tcp_state = read_uint(sock, sock_field!(state)) as u16;
-}
 
 /// The run in progress on this CPU, if it is `sock`'s.
 #[inline(always)]
@@ -46,37 +29,41 @@ fn run_of(sock: u64) -> Option<*mut TimerRun> {
     }
 }
 
-/// This CPU's scratch event about `sock`, with the tracked connection's state, or its identity
-/// when untracked. Returns the event and whether the connection is tracked.
+/// The tracked connection of `sock`, if any.
 #[inline(always)]
-fn event_for(kind: u32, sock: u64) -> Option<(ScratchEvent, bool)> {
-    let mut event = scratch_event()?;
-    event.kind = kind;
-    event.sock = sock;
-    // SAFETY: helper without arguments.
-    event.time_ns = unsafe { bpf_ktime_get_boot_ns() };
-    event.reset_reason = REASON_UNKNOWN;
+fn tracked(sock: u64) -> Option<TrackedConn> {
     if sock == 0 {
-        return Some((event, false));
+        return None;
     }
     // SAFETY: a map value read during this program run.
-    let tracked = match unsafe { CONNECTIONS.get(sock) } {
-        Some(conn) => {
-            event.conn = *conn;
-            event.flags |= event_flag::TRACKED;
-            true
-        }
-        None => {
-            read_identity(sock, &mut event.conn);
-            false
-        }
+    unsafe { CONNECTIONS.get(sock) }.copied()
+}
+
+/// Sends a record of `kind` about `sock` (tracked when `first_seen_ns` is not 0), with its
+/// identity and what it says now.
+#[inline(always)]
+fn report(kind: u32, sock: u64, first_seen_ns: u64, flags: u32, error: i32, reset_reason: u32) {
+    let Some(mut event) = scratch_event() else {
+        return;
     };
-    event.probes_out_before = read_uint(sock, sock_field!(probes_out)) as u32;
-    event.old_state = read_uint(sock, sock_field!(state)) as u32;
-    if event.probes_out_before > 0 {
+    event.kind = kind;
+    event.sock = sock;
+    event.first_seen_ns = first_seen_ns;
+    // SAFETY: helpers without arguments.
+    let (now_ns, now_jiffies) = unsafe { (bpf_ktime_get_boot_ns(), bpf_jiffies64()) };
+    event.time_ns = now_ns;
+    read_identity(sock, &mut event.id);
+    read_sample(sock, now_jiffies as u32, &mut event.after);
+    event.flags = flags;
+    if first_seen_ns != 0 {
+        event.flags |= event_flag::TRACKED;
+    }
+    if event.after.probes_out > 0 {
         event.flags |= event_flag::DURING_PROBE;
     }
-    Some((event, tracked))
+    event.error = error;
+    event.reset_reason = reset_reason;
+    emit(&event);
 }
 
 /// tcp:tcp_receive_reset. An RST while probes are outstanding is the peer answering a probe.
@@ -87,12 +74,27 @@ pub(crate) fn reset_received(sock: u64) {
         unsafe { (*run).reset_received = 1 };
         return;
     }
-    if let Some((event, _)) = event_for(event_kind::RESET_RECEIVED, sock) {
-        emit(&event);
+    match tracked(sock) {
+        Some(conn) => report(
+            event_kind::RESET_RECEIVED,
+            sock,
+            conn.first_seen_ns,
+            0,
+            0,
+            REASON_UNKNOWN,
+        ),
+        None => {
+            let during_probe = read_uint(sock, sock_field!(probes_out)) != 0;
+            count_untracked_reset(&reset_key(
+                sock,
+                reset_kind::RECEIVED,
+                u32::from(during_probe),
+            ));
+        }
     }
 }
 
-/// tcp:tcp_send_reset.
+/// tcp:tcp_send_reset (`sock` 0: an RST answering a segment of no connection).
 #[inline(always)]
 pub(crate) fn reset_sent(sock: u64, reason: u32) {
     if let Some(run) = run_of(sock) {
@@ -103,27 +105,25 @@ pub(crate) fn reset_sent(sock: u64, reason: u32) {
         }
         return;
     }
-    if let Some((mut event, _)) = event_for(event_kind::RESET_SENT, sock) {
-        event.reset_reason = reason;
-        emit(&event);
+    match tracked(sock) {
+        Some(conn) => report(
+            event_kind::RESET_SENT,
+            sock,
+            conn.first_seen_ns,
+            0,
+            0,
+            reason,
+        ),
+        None => count_untracked_reset(&reset_key(sock, reset_kind::SENT, reason)),
     }
-}
-
-/// True when `sock` is a TCP socket (the socket tracepoints fire for other protocols too).
-#[inline(always)]
-pub(crate) fn is_tcp(sock: u64) -> bool {
-    sock != 0 && read_uint(sock, sock_field!(sk_protocol)) as u32 == IPPROTO_TCP
 }
 
 /// sock:inet_sk_error_report. During a keepalive run of the same socket on this CPU the error
-/// goes into the run; otherwise it is reported with the socket's identity.
+/// goes into the run; otherwise it is reported for tracked sockets only.
 #[inline(always)]
 pub(crate) fn error_report(sock: u64) {
-    if !is_tcp(sock) {
-        return;
-    }
-    let error = read_uint(sock, sock_field!(sk_err)) as i32;
     if let Some(run) = run_of(sock) {
+        let error = read_uint(sock, sock_field!(sk_err)) as i32;
         // SAFETY: this CPU's slot.
         unsafe {
             if (*run).close_error == 0 {
@@ -132,15 +132,32 @@ pub(crate) fn error_report(sock: u64) {
         }
         return;
     }
-    let Some((mut event, _)) = event_for(event_kind::ERROR_REPORT, sock) else {
-        return;
-    };
-    event.error = error;
-    emit(&event);
+    if let Some(conn) = tracked(sock) {
+        let error = read_uint(sock, sock_field!(sk_err)) as i32;
+        report(
+            event_kind::ERROR_REPORT,
+            sock,
+            conn.first_seen_ns,
+            0,
+            error,
+            REASON_UNKNOWN,
+        );
+    }
+}
+
+/// True for the errors a timer leaves when it gives up on a connection (tcp_write_err:
+/// ETIMEDOUT, or the ICMP error recorded before), as opposed to a reset or a normal close.
+#[inline(always)]
+fn timeout_error(error: i32) -> bool {
+    error != 0
+        && error != errno::ECONNRESET
+        && error != errno::EPIPE
+        && error != errno::ECONNREFUSED
 }
 
 /// sock:inet_sock_set_state to TCP_CLOSE, or tcp:tcp_destroy_sock (`extra_flags` = DESTROYED).
-/// Removes the connection from CONNECTIONS, so a new socket at the same address starts afresh.
+/// A tracked connection is reported and forgotten (so a new socket at the same address starts
+/// afresh); an untracked one only when a timer gave up on it (every TCPAbortOnTimeout is seen).
 #[inline(always)]
 pub(crate) fn closed(sock: u64, extra_flags: u32) {
     if let Some(run) = run_of(sock) {
@@ -154,15 +171,26 @@ pub(crate) fn closed(sock: u64, extra_flags: u32) {
         }
         return;
     }
-    // SAFETY: a map value read during this program run.
-    if sock == 0 || unsafe { CONNECTIONS.get(sock) }.is_none() {
-        return;
+    match tracked(sock) {
+        Some(conn) => {
+            let error = read_uint(sock, sock_field!(sk_err)) as i32;
+            let _ = CONNECTIONS.remove(sock);
+            report(
+                event_kind::CLOSED,
+                sock,
+                conn.first_seen_ns,
+                extra_flags,
+                error,
+                REASON_UNKNOWN,
+            );
+        }
+        // tcp_destroy_sock follows the TCP_CLOSE transition: report an untracked timeout once.
+        None if extra_flags & event_flag::DESTROYED == 0 => {
+            let error = read_uint(sock, sock_field!(sk_err)) as i32;
+            if timeout_error(error) {
+                report(event_kind::CLOSED, sock, 0, 0, error, REASON_UNKNOWN);
+            }
+        }
+        None => {}
     }
-    let Some((mut event, _)) = event_for(event_kind::CLOSED, sock) else {
-        return;
-    };
-    event.flags |= extra_flags;
-    event.error = read_uint(sock, sock_field!(sk_err)) as i32;
-    let _ = CONNECTIONS.remove(sock);
-    emit(&event);
 }

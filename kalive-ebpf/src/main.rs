@@ -18,6 +18,7 @@ mod kernel;
 mod lifecycle;
 mod log;
 mod maps;
+mod socket;
 mod timer_run;
 
 use aya_ebpf::{
@@ -137,7 +138,7 @@ fn inet_sock_set_state(ctx: RawTracePointContext) -> i32 {
         return 0;
     }
     let sock: u64 = ctx.arg(0);
-    if !lifecycle::is_tcp(sock) {
+    if !socket::is_tcp(sock) {
         return 0;
     }
     lifecycle::closed(sock, 0);

@@ -4,7 +4,9 @@
 
 use std::collections::BTreeMap;
 
-use kalive_common::{event_flag, event_kind, ConnRecord, KernelEvent, AF_INET};
+use kalive_common::{
+    event_flag, event_kind, tcp_state, ConnIdentity, KernelEvent, SocketSample, AF_INET,
+};
 use kalive_daemon::{
     kernel::{procfs::DEFAULT_EPHEMERAL_PORTS, units::KernelUnits},
     tracking::table::{Applied, ConnectionTable},
@@ -29,33 +31,157 @@ pub fn empty_table(history: usize) -> ConnectionTable {
     ConnectionTable::new(units(), history)
 }
 
-/// Connection `n` (from 0): 10.x.y.z:ephemeral -> a service port among 16, keepalive 60/10/5.
-pub fn conn_record(n: u32) -> ConnRecord {
-    let mut state = ConnRecord {
-        first_seen_ns: 1_000 + u64::from(n),
-        netns: NETNS,
-        family: AF_INET,
-        local_port: 32768 + (n % 28000) as u16,
-        remote_port: 5000 + (n % 16) as u16,
-        idle_jiffies: 60 * HZ,
-        interval_jiffies: 10 * HZ,
-        probe_limit: 5,
-        keepalive_on: 1,
-        ..ConnRecord::default()
-    };
-    state.local_addr[..4].copy_from_slice(&[192, 168, 0, 1]);
-    state.remote_addr[..4].copy_from_slice(&[10, (n >> 16) as u8, (n >> 8) as u8, n as u8]);
-    state
+/// One socket as the kernel programs see it, producing the records they would send: each
+/// call is one second later than the one before.
+#[derive(Clone, Copy, Debug)]
+pub struct FakeSocket {
+    pub sock: u64,
+    pub first_seen_ns: u64,
+    pub id: ConnIdentity,
+    pub sample: SocketSample,
+    pub time_ns: u64,
 }
 
-pub fn timer_run(sock: u64, conn: ConnRecord, flags: u32) -> KernelEvent {
-    KernelEvent {
-        kind: event_kind::TIMER_RUN,
-        flags: flags | event_flag::TRACKED,
-        sock,
-        time_ns: 2_000_000_000,
-        conn,
-        ..KernelEvent::default()
+impl FakeSocket {
+    /// Connection `n` (from 0): 192.168.0.1:ephemeral -> 10.x.y.z at a service port among 16,
+    /// opened by this host, keepalive 60 s / 10 s / 5.
+    pub fn new(n: u32) -> FakeSocket {
+        let mut id = ConnIdentity {
+            netns: NETNS,
+            family: AF_INET,
+            local_port: 32768 + (n % 28000) as u16,
+            remote_port: 5000 + (n % 16) as u16,
+            ..ConnIdentity::default()
+        };
+        id.local_addr[..4].copy_from_slice(&[192, 168, 0, 1]);
+        id.remote_addr[..4].copy_from_slice(&[10, (n >> 16) as u8, (n >> 8) as u8, n as u8]);
+        FakeSocket {
+            sock: 0xffff_0000_0000_0000 + u64::from(n) * 0x1000,
+            first_seen_ns: 1_000_000_000 + u64::from(n),
+            id,
+            sample: SocketSample {
+                state: tcp_state::ESTABLISHED,
+                keepalive_on: 1,
+                keepalive_time_jiffies: 60 * HZ,
+                keepalive_intvl_jiffies: 10 * HZ,
+                keepalive_probes: 5,
+                rcv_tstamp: 1_000,
+                jiffies: 1_000,
+                snd_wnd: 65_535,
+                srtt_us: 100,
+                ..SocketSample::default()
+            },
+            time_ns: 1_000_000_000 + u64::from(n),
+        }
+    }
+
+    /// The same socket accepted from a listener (inbound).
+    pub fn accepted(mut self) -> FakeSocket {
+        self.id.accepted = 1;
+        self
+    }
+
+    fn tick(&mut self) {
+        self.time_ns += 1_000_000_000;
+        self.sample.jiffies += HZ;
+    }
+
+    /// A timer-run record of this socket that went from `before` to the current sample.
+    fn run(&self, before: &SocketSample, segs_sent: u32, flags: u32) -> KernelEvent {
+        KernelEvent {
+            kind: event_kind::TIMER_RUN,
+            flags: flags | event_flag::TRACKED,
+            sock: self.sock,
+            first_seen_ns: self.first_seen_ns,
+            time_ns: self.time_ns,
+            id: self.id,
+            after: self.sample,
+            state_before: before.state,
+            probes_out_before: before.probes_out,
+            rcv_tstamp_before: before.rcv_tstamp,
+            segs_sent,
+            idle_jiffies: self.sample.jiffies.wrapping_sub(before.rcv_tstamp),
+            rearm_jiffies: self.sample.keepalive_intvl_jiffies,
+            ..KernelEvent::default()
+        }
+    }
+
+    /// The first timer run kalive sees: nothing due yet.
+    pub fn first_run(&mut self) -> KernelEvent {
+        self.tick();
+        let before = self.sample;
+        self.run(&before, 0, event_flag::FIRST_SEEN)
+    }
+
+    /// A later timer run that sends nothing.
+    pub fn quiet_run(&mut self) -> KernelEvent {
+        self.tick();
+        let before = self.sample;
+        self.run(&before, 0, 0)
+    }
+
+    /// A timer run that sends one probe.
+    pub fn probe(&mut self) -> KernelEvent {
+        self.tick();
+        let before = self.sample;
+        self.sample.probes_out += 1;
+        self.run(&before, 1, 0)
+    }
+
+    /// The peer's ACK: icsk_probes_out back to 0, rcv_tstamp moves (no record: the kernel
+    /// programs do not see ACKs).
+    pub fn answer(&mut self) {
+        self.sample.probes_out = 0;
+        self.sample.rcv_tstamp = self.sample.jiffies + 1;
+    }
+
+    /// A timer run that gives up: the RST of TCP_KEEPALIVE_TIMEOUT (reason 9) and `error`.
+    pub fn keepalive_timeout(&mut self, error: i32) -> KernelEvent {
+        self.tick();
+        let before = self.sample;
+        self.sample.state = tcp_state::CLOSE;
+        self.sample.sk_err = error;
+        let mut event = self.run(
+            &before,
+            1,
+            event_flag::CLOSED_IN_RUN | event_flag::RESET_SENT_IN_RUN,
+        );
+        event.error = error;
+        event.reset_reason = 9;
+        event
+    }
+
+    /// A record of `kind` (an RST received or sent, a close) about this socket.
+    pub fn record(&mut self, kind: u32, error: i32) -> KernelEvent {
+        self.tick();
+        let mut flags = event_flag::TRACKED;
+        if self.sample.probes_out > 0 {
+            flags |= event_flag::DURING_PROBE;
+        }
+        if kind == event_kind::CLOSED {
+            self.sample.state = tcp_state::CLOSE;
+            self.sample.sk_err = error;
+        }
+        KernelEvent {
+            kind,
+            flags,
+            sock: self.sock,
+            first_seen_ns: self.first_seen_ns,
+            time_ns: self.time_ns,
+            id: self.id,
+            after: self.sample,
+            state_before: tcp_state::ESTABLISHED,
+            error,
+            reset_reason: kalive_common::REASON_UNKNOWN,
+            ..KernelEvent::default()
+        }
+    }
+
+    /// The same record for a socket kalive does not track.
+    pub fn untracked(mut event: KernelEvent) -> KernelEvent {
+        event.flags &= !(event_flag::TRACKED | event_flag::FIRST_SEEN);
+        event.first_seen_ns = 0;
+        event
     }
 }
 
@@ -65,94 +191,60 @@ pub fn table_with(count: u32) -> (ConnectionTable, Applied) {
     let mut table = empty_table(10_000);
     let mut applied = Applied::default();
     for n in 0..count {
-        let mut state = conn_record(n);
-        let mut flags = event_flag::FIRST_SEEN;
+        let mut socket = FakeSocket::new(n);
+        applied.extend(table.apply(&socket.first_run()));
         if n % 3 == 0 {
-            state.probes_sent = 1;
-            state.probes_out = 1;
-            state.last_probe_ns = 1_500_000_000;
-            flags |= event_flag::PROBE_SENT;
+            applied.extend(table.apply(&socket.probe()));
         }
-        applied.extend(table.apply(&timer_run(u64::from(n) + 1, state, flags)));
     }
     (table, applied)
 }
 
 /// A table where every kind of count happened once: probes, an answer, a keepalive timeout
-/// (dead), an RST answering a probe (rebooted), an idle RST (reset), a plain close and an RST
-/// sent without a socket.
+/// (dead), an RST answering a probe (rebooted), an idle RST (reset), a plain close, an RST
+/// sent without a socket and a retransmission timeout of an untracked socket.
 pub fn table_with_every_outcome() -> (ConnectionTable, Applied) {
     let (mut table, mut applied) = table_with(4);
-    let mut dead = conn_record(100);
-    for probe in 1..=5u32 {
-        dead.probes_sent = u64::from(probe);
-        dead.probes_out = probe;
-        applied.extend(table.apply(&timer_run(100, dead, event_flag::PROBE_SENT)));
+    let mut dead = FakeSocket::new(100);
+    applied.extend(table.apply(&dead.first_run()));
+    for _ in 0..5 {
+        applied.extend(table.apply(&dead.probe()));
     }
-    let mut timeout = timer_run(
-        100,
-        dead,
-        event_flag::CLOSED_IN_RUN | event_flag::RESET_SENT_IN_RUN,
-    );
-    timeout.error = libc::ETIMEDOUT;
-    timeout.reset_reason = 9;
-    applied.extend(table.apply(&timeout));
+    applied.extend(table.apply(&dead.keepalive_timeout(libc::ETIMEDOUT)));
 
-    let mut answered = conn_record(101);
-    answered.probes_sent = 1;
-    answered.probes_answered = 1;
-    applied.extend(table.apply(&timer_run(
-        101,
-        answered,
-        event_flag::FIRST_SEEN | event_flag::PROBE_SENT | event_flag::ANSWERED_IN_RUN,
-    )));
+    let mut answered = FakeSocket::new(101);
+    applied.extend(table.apply(&answered.first_run()));
+    applied.extend(table.apply(&answered.probe()));
+    answered.answer();
+    applied.extend(table.apply(&answered.quiet_run()));
 
-    for (sock, during_probe) in [(102, event_flag::DURING_PROBE), (103, 0)] {
-        let state = conn_record(sock as u32);
-        applied.extend(table.apply(&timer_run(sock, state, event_flag::FIRST_SEEN)));
-        let base = KernelEvent {
-            sock,
-            conn: state,
-            flags: event_flag::TRACKED | during_probe,
-            ..KernelEvent::default()
-        };
-        applied.extend(table.apply(&KernelEvent {
-            kind: event_kind::RESET_RECEIVED,
-            ..base
-        }));
-        applied.extend(table.apply(&KernelEvent {
-            kind: event_kind::CLOSED,
-            error: libc::ECONNRESET,
-            ..base
-        }));
-    }
-    let closed = conn_record(104);
-    applied.extend(table.apply(&timer_run(104, closed, event_flag::FIRST_SEEN)));
-    applied.extend(table.apply(&KernelEvent {
-        kind: event_kind::CLOSED,
-        sock: 104,
-        conn: closed,
-        flags: event_flag::TRACKED,
-        ..KernelEvent::default()
-    }));
-    applied.extend(table.apply(&KernelEvent {
+    let mut rebooted = FakeSocket::new(102);
+    applied.extend(table.apply(&rebooted.first_run()));
+    applied.extend(table.apply(&rebooted.probe()));
+    applied.extend(table.apply(&rebooted.record(event_kind::RESET_RECEIVED, 0)));
+    applied.extend(table.apply(&rebooted.record(event_kind::CLOSED, libc::ECONNRESET)));
+
+    let mut reset = FakeSocket::new(103);
+    applied.extend(table.apply(&reset.first_run()));
+    applied.extend(table.apply(&reset.record(event_kind::RESET_RECEIVED, 0)));
+    applied.extend(table.apply(&reset.record(event_kind::CLOSED, libc::ECONNRESET)));
+
+    let mut closed = FakeSocket::new(104);
+    applied.extend(table.apply(&closed.first_run()));
+    applied.extend(table.apply(&closed.record(event_kind::CLOSED, 0)));
+
+    let no_socket = KernelEvent {
         kind: event_kind::RESET_SENT,
         reset_reason: kalive_common::REASON_UNKNOWN,
         ..KernelEvent::default()
-    }));
-    (table, applied)
-}
+    };
+    applied.extend(table.apply(&no_socket));
 
-/// A record of something other than a timer run (an RST, a close) about `sock`.
-pub fn record(kind: u32, sock: u64, conn: ConnRecord, flags: u32) -> KernelEvent {
-    KernelEvent {
-        kind,
-        sock,
-        conn,
-        flags: flags | event_flag::TRACKED,
-        time_ns: 2_000_000_000,
-        ..KernelEvent::default()
-    }
+    let mut stalled = FakeSocket::new(105);
+    stalled.sample.packets_out = 3;
+    let timeout = FakeSocket::untracked(stalled.record(event_kind::CLOSED, libc::ETIMEDOUT));
+    applied.extend(table.apply(&timeout));
+    (table, applied)
 }
 
 /// A connection as `/api/v1/connections` shows it: id `id`, from 10.0.0.1:`local_port` to
@@ -196,6 +288,7 @@ pub fn connection_json(
         } else {
             state.name().to_owned()
         },
+        peer_window_closed: false,
         reset_received: matches!(state, PeerStateKind::Rebooted | PeerStateKind::Reset),
         last_error: None,
         hook_mode: "tracepoint".into(),
@@ -224,6 +317,8 @@ pub fn event_json(
         to: to.to_owned(),
         outcome,
         error: (to == "dead").then(|| "ETIMEDOUT".to_owned()),
+        signal: None,
+        detail: None,
         connection,
     }
 }

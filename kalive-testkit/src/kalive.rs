@@ -4,8 +4,8 @@
 use std::time::Duration;
 
 use kalive_daemon::{
-    collector::{Collected, Collector, CollectorOptions, Shared},
-    kernel::loader::HookMode,
+    collector::{Collected, Collector, CollectorOptions, Shared, DEFAULT_ANSWER_CHECKS_PER_SECOND},
+    kernel::loader::{HookMode, LoadOptions},
     tracking::{
         connection::{Connection, EndedConnection},
         totals::Totals,
@@ -49,9 +49,12 @@ impl Kalive {
 
     pub fn start() -> Kalive {
         Kalive::start_with(CollectorOptions {
-            hook_mode: test_hook_mode(),
-            ebpf_log: Default::default(),
+            load: LoadOptions {
+                hook_mode: test_hook_mode(),
+                ..LoadOptions::default()
+            },
             history_limit: 100_000,
+            answer_checks_per_second: DEFAULT_ANSWER_CHECKS_PER_SECOND,
             log_probes: false,
             series: Default::default(),
         })

@@ -195,7 +195,12 @@ pub fn connection_json(conn: &Connection, clock: &Clock, hook_mode: &str) -> Con
         last_timer_run_age_seconds: stamp(conn.last_run_ns).map(|ns| clock.age(ns)),
         first_seen_unix_seconds: clock.unix(conn.first_seen_ns),
         peer_state: conn.peer_state.kind(),
-        peer_state_detail: conn.peer_state.to_string(),
+        peer_state_detail: if conn.window_closed {
+            format!("{}, window closed", conn.peer_state)
+        } else {
+            conn.peer_state.to_string()
+        },
+        peer_window_closed: conn.window_closed,
         reset_received: conn.reset_received,
         last_error: (conn.last_error != 0).then(|| errno_name(conn.last_error)),
         hook_mode: hook_mode.to_owned(),
@@ -269,6 +274,8 @@ fn event_json(entry: &HistoryEntry, clock: &Clock, hook_mode: &str) -> EventJson
             to: change.connection.peer_state.to_string(),
             outcome: None,
             error: None,
+            signal: None,
+            detail: None,
             connection: connection_json(&change.connection, clock, hook_mode),
         },
         Change::Ended(ended) => EventJson {
@@ -279,6 +286,8 @@ fn event_json(entry: &HistoryEntry, clock: &Clock, hook_mode: &str) -> EventJson
             to: ended.outcome.to_string(),
             outcome: Some(ended.outcome.kind()),
             error: (ended.error != 0).then(|| errno_name(ended.error)),
+            signal: Some(ended.signal.name().to_owned()),
+            detail: Some(ended.signal.meaning().to_owned()),
             connection: connection_json(&ended.connection, clock, hook_mode),
         },
     }

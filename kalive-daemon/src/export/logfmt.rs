@@ -33,16 +33,12 @@ fn describe(conn: &Connection) -> String {
 pub fn format_notice(notice: &Notice, log_probes: bool) -> Option<String> {
     Some(match notice {
         Notice::Tracked(conn) => format!("event=tracked {}", describe(conn)),
-        Notice::Probe {
-            connection,
-            answered_in_run,
-        } if log_probes => format!(
-            "event=probe state={:?} answered={} {}",
+        Notice::Probe(connection) if log_probes => format!(
+            "event=probe state={:?} {}",
             connection.peer_state.to_string(),
-            answered_in_run,
             describe(connection)
         ),
-        Notice::Probe { .. } => return None,
+        Notice::Probe(_) => return None,
         Notice::ProbeSendFailed(conn) => {
             format!(
                 "event=probe_send_failed send_failures={} {}",

@@ -12,6 +12,7 @@ use prometheus::{
 
 use crate::{
     tracking::{
+        peer_state::TimeoutTimer,
         table::ConnectionTable,
         totals::{Count, Origin, Tally},
     },
@@ -168,6 +169,8 @@ pub struct Metrics {
     connections: IntGaugeVec,
     settings: IntGaugeVec,
     events_lost: IntCounterVec,
+    probes_unreported: IntCounter,
+    timeouts: IntCounterVec,
     map_entries: IntGaugeVec,
     map_capacity: IntGaugeVec,
     hook_info: IntGaugeVec,
@@ -225,7 +228,7 @@ impl Metrics {
             keepalive_timeouts: counter(
                 "keepalive_timeouts_total",
                 "Connections the keepalive timer aborted because probes went unanswered \
-                 (TcpExt TCPAbortOnTimeout counts these with retransmission timeouts).",
+                 (kalive_tcp_timeouts_total{timer=\"keepalive\"}).",
                 &series_names,
             )?,
             peer_outcomes: counter(
@@ -273,6 +276,20 @@ impl Metrics {
                 "events_lost_total",
                 "Events lost before they reached the connection table, by stage.",
                 &["stage"],
+            )?,
+            probes_unreported: registered(
+                &registry,
+                IntCounter::new(
+                    "keepalive_probes_unreported_total",
+                    "Keepalive probes the kernel sent in timer runs whose record was lost \
+                     (ring buffer full): probes_sent + this = TcpExt TCPKeepAlive.",
+                )?,
+            )?,
+            timeouts: counter(
+                "tcp_timeouts_total",
+                "Connections a kernel timer gave up on (TcpExt TCPAbortOnTimeout counts the \
+                 same), by timer: keepalive, retransmit, zero_window, connect.",
+                &with("timer"),
             )?,
             map_entries: gauge(
                 "map_entries",
@@ -358,23 +375,29 @@ impl Metrics {
                     .with_label_values(&labels)
                     .inc_by(*n);
             }
-            Count::ResetReceived { during_probe } => self
+            Count::ResetReceived {
+                during_probe,
+                count,
+            } => self
                 .resets_received
                 .with_label_values(&with(if *during_probe { "true" } else { "false" }))
-                .inc(),
-            Count::ResetSent { reason } => {
+                .inc_by(*count),
+            Count::ResetSent { reason, count } => {
                 let mut all = labels.clone();
                 all.push(reason);
-                self.resets_sent.with_label_values(&all).inc();
+                self.resets_sent.with_label_values(&all).inc_by(*count);
+            }
+            Count::Timeout { timer } => {
+                if *timer == TimeoutTimer::Keepalive {
+                    self.keepalive_timeouts.with_label_values(&labels).inc();
+                }
+                self.timeouts.with_label_values(&with(timer.name())).inc();
             }
             Count::Ended {
                 outcome,
                 probes_sent,
                 detection,
             } => {
-                if outcome.is_keepalive_timeout() {
-                    self.keepalive_timeouts.with_label_values(&labels).inc();
-                }
                 let outcome_labels = with(outcome.name());
                 self.peer_outcomes.with_label_values(&outcome_labels).inc();
                 self.probes_before_outcome
@@ -392,6 +415,11 @@ impl Metrics {
     /// Adds events lost at `stage` (one of `kalive_common::loss_stage::ALL`).
     pub fn add_lost(&self, stage: &str, lost: u64) {
         self.events_lost.with_label_values(&[stage]).inc_by(lost);
+    }
+
+    /// Adds probes sent in timer runs whose record was lost.
+    pub fn add_unreported_probes(&self, probes: u64) {
+        self.probes_unreported.inc_by(probes);
     }
 
     /// Events lost at every stage: the sum of `kalive_events_lost_total` over `stage`.
@@ -564,7 +592,16 @@ mod tests {
         ));
         metrics.record(&tally(
             origin(Direction::Inbound, 5432, 2),
-            Count::ResetReceived { during_probe: true },
+            Count::ResetReceived {
+                during_probe: true,
+                count: 1,
+            },
+        ));
+        metrics.record(&tally(
+            origin(Direction::Outbound, 443, 1),
+            Count::Timeout {
+                timer: TimeoutTimer::Keepalive,
+            },
         ));
         metrics.record(&tally(
             origin(Direction::Outbound, 443, 1),
@@ -579,6 +616,7 @@ mod tests {
             "kalive_keepalive_probes_sent_total{direction=\"outbound\",port=\"443\"} 3",
             "kalive_tcp_resets_received_total{direction=\"inbound\",during_probe=\"true\",port=\"5432\"} 1",
             "kalive_keepalive_timeouts_total{direction=\"outbound\",port=\"443\"} 1",
+            "kalive_tcp_timeouts_total{direction=\"outbound\",port=\"443\",timer=\"keepalive\"} 1",
             "kalive_peer_outcomes_total{direction=\"outbound\",outcome=\"dead\",port=\"443\"} 1",
             "kalive_dead_peer_detection_seconds_sum{direction=\"outbound\",port=\"443\"} 4",
             "kalive_probes_before_outcome_bucket{direction=\"outbound\",outcome=\"dead\",port=\"443\",le=\"3\"} 1",
@@ -640,6 +678,7 @@ mod tests {
             origin,
             Count::ResetSent {
                 reason: "no_socket".to_owned(),
+                count: 1,
             },
         ));
         assert!(render(&metrics).contains(

@@ -206,7 +206,9 @@ impl KernelTypes {
             keepalive_timer: self.keepalive_timer()?,
             family: self.int_field("sock", "__sk_common.skc_family")?,
             state: self.int_field("sock", "__sk_common.skc_state")?,
-            local_port: self.int_field("sock", "__sk_common.skc_num")?,
+            // inet_sport, not skc_num: the close releases the port and zeroes skc_num before
+            // inet_sock_set_state fires; inet_sport (network order) keeps it.
+            local_port: self.int_field("inet_sock", "inet_sport")?,
             remote_port: self.int_field("sock", "__sk_common.skc_dport")?,
             local_addr4: self.int_field("sock", "__sk_common.skc_rcv_saddr")?,
             remote_addr4: self.int_field("sock", "__sk_common.skc_daddr")?,
@@ -215,7 +217,9 @@ impl KernelTypes {
             net: self.field("sock", "__sk_common.skc_net")?,
             sk_flags: self.int_field_any("sock", &["sk_flags", "__sk_common.skc_flags"])?,
             sk_err: self.int_field("sock", "sk_err")?,
+            sk_err_soft: self.int_field("sock", "sk_err_soft")?,
             sk_protocol: self.int_field("sock", "sk_protocol")?,
+            max_ack_backlog: self.int_field("sock", "sk_max_ack_backlog")?,
             lock_owned: self.int_field("sock", "sk_lock.owned")?,
             probes_out: self.int_field("inet_connection_sock", "icsk_probes_out")?,
             user_timeout: self.int_field("inet_connection_sock", "icsk_user_timeout")?,
@@ -225,13 +229,19 @@ impl KernelTypes {
             keepalive_probes: self.int_field("tcp_sock", "keepalive_probes")?,
             rcv_tstamp: self.int_field("tcp_sock", "rcv_tstamp")?,
             packets_out: self.int_field("tcp_sock", "packets_out")?,
+            segs_out: self.int_field("tcp_sock", "segs_out")?,
+            snd_wnd: self.int_field("tcp_sock", "snd_wnd")?,
+            write_seq: self.int_field("tcp_sock", "write_seq")?,
+            snd_nxt: self.int_field("tcp_sock", "snd_nxt")?,
+            srtt_us: self.int_field("tcp_sock", "srtt_us")?,
             net_inum: self.int_field("net", "ns.inum")?,
             net_keepalive_time: self.int_field("net", "ipv4.sysctl_tcp_keepalive_time")?,
             net_keepalive_intvl: self.int_field("net", "ipv4.sysctl_tcp_keepalive_intvl")?,
             net_keepalive_probes: self.int_field("net", "ipv4.sysctl_tcp_keepalive_probes")?,
             timer_function: self.int_field("timer_list", "function")?,
+            timer_expires: self.int_field("timer_list", "expires")?,
             keepopen_bit: self.enum_value("sock_flags", "SOCK_KEEPOPEN")?,
-            _pad: 0,
+            dead_bit: self.enum_value("sock_flags", "SOCK_DEAD")?,
         })
     }
 

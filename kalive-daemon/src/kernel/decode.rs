@@ -3,7 +3,7 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
-use kalive_common::{ConnRecord, KernelEvent, AF_INET6};
+use kalive_common::{ConnIdentity, KernelEvent, AF_INET6};
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 #[error(
@@ -30,7 +30,7 @@ pub fn decode(bytes: &[u8]) -> Result<KernelEvent, DecodeError> {
 }
 
 /// The connection's local and remote endpoints.
-pub fn endpoints(conn: &ConnRecord) -> (SocketAddr, SocketAddr) {
+pub fn endpoints(conn: &ConnIdentity) -> (SocketAddr, SocketAddr) {
     let ip = |bytes: &[u8; 16]| -> IpAddr {
         if conn.family == AF_INET6 {
             IpAddr::V6(Ipv6Addr::from(*bytes))
@@ -69,8 +69,8 @@ mod tests {
             error: 110,
             ..KernelEvent::default()
         };
-        event.conn.probes_sent = 3;
-        event.conn.local_port = 40000;
+        event.after.probes_out = 3;
+        event.id.local_port = 40000;
         let mut bytes = vec![0u8];
         bytes.extend(as_bytes(&event));
         assert_eq!(decode(&bytes[1..]).unwrap(), event);
@@ -91,11 +91,11 @@ mod tests {
 
     #[test]
     fn endpoints_of_both_families() {
-        let mut conn = ConnRecord {
+        let mut conn = ConnIdentity {
             family: AF_INET,
             local_port: 5000,
             remote_port: 80,
-            ..ConnRecord::default()
+            ..ConnIdentity::default()
         };
         conn.local_addr[..4].copy_from_slice(&[127, 0, 0, 1]);
         conn.remote_addr[..4].copy_from_slice(&[10, 1, 2, 3]);

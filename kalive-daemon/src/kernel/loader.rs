@@ -6,7 +6,7 @@ use aya::{
     programs::{FEntry, FExit, KProbe, RawTracePoint},
     Btf, Ebpf, EbpfLoader,
 };
-use kalive_common::names;
+use kalive_common::{limits, names};
 
 use crate::kernel::{
     btf_layout::{BtfError, KernelTypes},
@@ -213,9 +213,32 @@ fn send_reset_program(types: &KernelTypes) -> Result<&'static str, LoadError> {
     }
 }
 
-/// Loads the programs with this kernel's layouts and attaches them in `requested` mode; their
-/// own log writes records up to `ebpf_log`.
-pub fn load_and_attach(requested: HookMode, ebpf_log: EbpfLogLevel) -> Result<Loaded, LoadError> {
+/// How to load the programs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LoadOptions {
+    pub hook_mode: HookMode,
+    /// The kernel programs' own log.
+    pub ebpf_log: EbpfLogLevel,
+    /// Keepalive connections the kernel map tracks at once.
+    pub max_connections: u32,
+    /// Bytes waiting in the ring buffer that make a record wake the reader.
+    pub wakeup_bytes: u64,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions {
+            hook_mode: HookMode::Auto,
+            ebpf_log: EbpfLogLevel::Off,
+            max_connections: limits::DEFAULT_MAX_CONNECTIONS,
+            wakeup_bytes: limits::DEFAULT_WAKEUP_BYTES,
+        }
+    }
+}
+
+/// Loads the programs with this kernel's layouts and attaches them in the requested mode.
+pub fn load_and_attach(options: LoadOptions) -> Result<Loaded, LoadError> {
+    let requested = options.hook_mode;
     if !is_root() && !has_bpf_capabilities() {
         return Err(LoadError::NotPrivileged(
             "the current user has neither root nor CAP_BPF+CAP_PERFMON; run with sudo".to_owned(),
@@ -244,7 +267,9 @@ pub fn load_and_attach(requested: HookMode, ebpf_log: EbpfLogLevel) -> Result<Lo
         .btf(Some(&btf))
         .override_global(names::GLOBAL_SOCK_LAYOUT, &sock_layout, true)
         .override_global(names::GLOBAL_KEEPALIVE_TIMER_FN, &timer_fn_address, true)
-        .override_global(aya_log::LEVEL, &ebpf_log.global_value(), true)
+        .override_global(aya_log::LEVEL, &options.ebpf_log.global_value(), true)
+        .override_global(names::GLOBAL_WAKEUP_BYTES, &options.wakeup_bytes, true)
+        .map_max_entries(names::MAP_CONNECTIONS, options.max_connections)
         .load(KERNEL_PROGRAMS)
         .map_err(|err| match &err {
             aya::EbpfError::MapError(aya::maps::MapError::CreateError { io_error, .. })
@@ -352,12 +377,13 @@ fn chain(err: &dyn std::error::Error) -> String {
 fn attach_fentry(ebpf: &mut Ebpf, btf: &Btf) -> Result<(), AttachError> {
     let function = names::KEEPALIVE_TIMER_FUNCTION;
     let result = (|| -> Result<(), aya::programs::ProgramError> {
-        let entry: &mut FEntry = program(ebpf, names::PROG_FENTRY_TIMER)?.try_into()?;
-        entry.load(function, btf)?;
-        entry.attach()?;
+        // The end first: a run that begins before both are attached is then never half-seen.
         let exit: &mut FExit = program(ebpf, names::PROG_FEXIT_TIMER)?.try_into()?;
         exit.load(function, btf)?;
         exit.attach()?;
+        let entry: &mut FEntry = program(ebpf, names::PROG_FENTRY_TIMER)?.try_into()?;
+        entry.load(function, btf)?;
+        entry.attach()?;
         Ok(())
     })();
     result.map_err(|source| {
@@ -372,7 +398,8 @@ fn attach_fentry(ebpf: &mut Ebpf, btf: &Btf) -> Result<(), AttachError> {
 fn attach_kprobe(ebpf: &mut Ebpf) -> Result<(), AttachError> {
     let function = names::KEEPALIVE_TIMER_FUNCTION;
     let result = (|| -> Result<(), aya::programs::ProgramError> {
-        for name in [names::PROG_KPROBE_TIMER, names::PROG_KRETPROBE_TIMER] {
+        // The end first, as for fentry.
+        for name in [names::PROG_KRETPROBE_TIMER, names::PROG_KPROBE_TIMER] {
             let probe: &mut KProbe = program(ebpf, name)?.try_into()?;
             probe.load()?;
             probe.attach(function, 0)?;
@@ -392,9 +419,10 @@ fn attach_kprobe(ebpf: &mut Ebpf) -> Result<(), AttachError> {
 }
 
 fn attach_timer_tracepoints(ebpf: &mut Ebpf) -> Result<(), AttachError> {
+    // The end first, as for fentry.
     for (program, name) in [
-        (names::PROG_TP_TIMER_ENTRY, "timer_expire_entry"),
         (names::PROG_TP_TIMER_EXIT, "timer_expire_exit"),
+        (names::PROG_TP_TIMER_ENTRY, "timer_expire_entry"),
     ] {
         if let Err(err) = attach_tracepoint(ebpf, program, name) {
             unload(

@@ -3,7 +3,10 @@
 use std::{net::SocketAddr, ops::RangeInclusive, time::Duration};
 
 use crate::{
-    tracking::peer_state::{PeerState, Signal},
+    tracking::{
+        peer_state::{PeerState, Signal},
+        probe_rules::Awaiting,
+    },
     wire::Direction,
 };
 
@@ -17,10 +20,10 @@ pub struct KeepaliveSettings {
     pub user_timeout: Option<Duration>,
 }
 
-/// Who opened the connection, told from its ports: the end with an ephemeral port
+/// Who opened the connection, told from its ports, for sockets whose own record does not say
+/// (those kalive did not see in the kernel): the end with an ephemeral port
 /// (net.ipv4.ip_local_port_range) is the client. A connection whose ports are both ephemeral or
-/// both not is taken to serve on the lower port. (The socket itself does not say: an accepted
-/// socket does not keep its listener's SOCK_BINDPORT_LOCK.)
+/// both not is taken to serve on the lower port.
 pub fn direction_from_ports(
     local_port: u16,
     remote_port: u16,
@@ -58,9 +61,16 @@ pub struct Connection {
     pub settings: KeepaliveSettings,
     pub probes_sent: u64,
     pub probes_answered: u64,
-    /// icsk_probes_out after the last timer run.
+    /// icsk_probes_out as the kernel last reported it (0 once an answer is seen).
     pub probes_outstanding: u32,
     pub send_failures: u64,
+    /// The last probe sent, while its answer has not been seen.
+    pub awaiting: Option<Awaiting>,
+    /// The peer's receive window is closed and data waits (the zero-window probe timer runs,
+    /// not keepalive).
+    pub window_closed: bool,
+    /// Smoothed round-trip time as the kernel last reported it.
+    pub srtt: Duration,
     /// CLOCK_BOOTTIME nanoseconds of the first sighting, the last probe (0: none), the last run.
     pub first_seen_ns: u64,
     pub last_probe_ns: u64,
@@ -77,6 +87,11 @@ pub struct Connection {
 impl Connection {
     pub fn service_port(&self) -> u16 {
         service_port(self.direction, self.local, self.remote)
+    }
+
+    /// The probes after which the kernel gives up (TCP_USER_TIMEOUT taken into account).
+    pub fn probe_limit(&self) -> u32 {
+        crate::tracking::probe_rules::effective_probe_limit(&self.settings)
     }
 }
 

@@ -6,5 +6,6 @@
 pub mod connection;
 pub mod history;
 pub mod peer_state;
+pub mod probe_rules;
 pub mod table;
 pub mod totals;

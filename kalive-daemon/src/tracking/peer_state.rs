@@ -8,20 +8,21 @@ use crate::wire::PeerStateKind;
 /// The peer of one keepalive connection, as far as keepalive can tell.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum PeerState {
-    /// Probes are answered (or none was needed yet).
+    /// Probes are answered (or none was needed yet, or the one outstanding is not overdue).
     Alive,
-    /// Probes are outstanding now: `outstanding` of at most `limit`.
+    /// Probes are overdue: `outstanding` unanswered, the connection ends after `limit`.
     Probing { outstanding: u32, limit: u32 },
-    /// Keepalive timed out with ETIMEDOUT: the peer crashed, is powered off, or the network
+    /// A timer gave up on the peer with ETIMEDOUT: it crashed, is powered off, or the network
     /// silently drops packets (the host cannot tell these apart).
     Dead,
-    /// The peer answered a probe with RST: it crashed, came back and lost the connection.
+    /// The peer answered a probe with RST: it crashed, came back and lost the connection (or a
+    /// middlebox answered for it: see the README).
     Rebooted,
-    /// Keepalive timed out with an ICMP error recorded (EHOSTUNREACH, ENETUNREACH, ...).
+    /// A timer gave up on the peer with an ICMP error recorded (EHOSTUNREACH, ENETUNREACH, ...).
     Unreachable,
     /// Ended by an RST that was not an answer to a probe (e.g. a middlebox dropping idle flows).
     Reset,
-    /// Ended by something other than keepalive or an RST (a normal close).
+    /// Ended by something other than a timeout or an RST (a normal close).
     Closed,
 }
 
@@ -44,8 +45,8 @@ impl PeerState {
         self.kind().name()
     }
 
-    /// True for the outcomes of a keepalive timeout (the timer gave up on the peer).
-    pub fn is_keepalive_timeout(&self) -> bool {
+    /// True for the outcomes of a timer giving up on the peer.
+    pub fn is_timeout(&self) -> bool {
         matches!(self, PeerState::Dead | PeerState::Unreachable)
     }
 }
@@ -59,14 +60,47 @@ impl fmt::Display for PeerState {
     }
 }
 
-/// The state of a live connection after a keepalive timer run.
-pub fn live_state(probes_outstanding: u32, probe_limit: u32) -> PeerState {
-    if probes_outstanding == 0 {
+/// The state of a live connection with `overdue` probes unanswered.
+pub fn live_state(overdue: u32, probe_limit: u32) -> PeerState {
+    if overdue == 0 {
         PeerState::Alive
     } else {
         PeerState::Probing {
-            outstanding: probes_outstanding,
+            outstanding: overdue,
             limit: probe_limit,
+        }
+    }
+}
+
+/// The kernel timer that gave up on a connection (tcp_write_err; each one is counted in TcpExt
+/// `TCPAbortOnTimeout`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum TimeoutTimer {
+    /// tcp_keepalive_timer: the probes went unanswered.
+    Keepalive,
+    /// The retransmission timer: sent data went unacknowledged (tcp_retries2).
+    Retransmit,
+    /// The zero-window probe timer: the peer's receive window stayed closed.
+    ZeroWindow,
+    /// A connection attempt (SYN_SENT) got no answer.
+    Connect,
+}
+
+impl TimeoutTimer {
+    pub const ALL: [TimeoutTimer; 4] = [
+        TimeoutTimer::Keepalive,
+        TimeoutTimer::Retransmit,
+        TimeoutTimer::ZeroWindow,
+        TimeoutTimer::Connect,
+    ];
+
+    /// The name used in metrics (`timer` label).
+    pub fn name(self) -> &'static str {
+        match self {
+            TimeoutTimer::Keepalive => "keepalive",
+            TimeoutTimer::Retransmit => "retransmit",
+            TimeoutTimer::ZeroWindow => "zero_window",
+            TimeoutTimer::Connect => "connect",
         }
     }
 }
@@ -74,8 +108,10 @@ pub fn live_state(probes_outstanding: u32, probe_limit: u32) -> PeerState {
 /// How a connection ended.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Ending {
-    /// The keepalive timer closed it (keepalive timeout or TCP_USER_TIMEOUT).
-    pub by_keepalive_timer: bool,
+    /// The timer that closed it, if one did.
+    pub timer: Option<TimeoutTimer>,
+    /// TCP_USER_TIMEOUT was set: it, not the probe count or tcp_retries2, decided the timeout.
+    pub user_timeout: bool,
     /// sk_err at the close (errno), 0 when none.
     pub error: i32,
     /// An RST arrived.
@@ -97,10 +133,21 @@ pub enum Signal {
     KeepaliveResetReason,
     /// sk_err (ETIMEDOUT, or an ICMP error) when the keepalive timer closed the socket.
     TimerCloseError,
+    /// TCP_USER_TIMEOUT ended the connection (in the keepalive or the retransmission path).
+    UserTimeout,
+    /// The retransmission timer gave up (tcp_retries2).
+    RetransmitTimeout,
+    /// The zero-window probe timer gave up.
+    ZeroWindowTimeout,
+    /// The connection attempt timed out.
+    ConnectTimeout,
     /// An RST arrived while no probe was outstanding.
     ResetWhileIdle,
-    /// A close without keepalive error or RST.
+    /// A close without a timeout or an RST.
     Close,
+    /// The connection's close was never reported (a kernel program run was skipped): a new
+    /// socket took its address.
+    CloseMissed,
 }
 
 impl Signal {
@@ -110,8 +157,48 @@ impl Signal {
             Signal::ResetDuringProbe => "rst_during_probe",
             Signal::KeepaliveResetReason => "rst_reason_keepalive_timeout",
             Signal::TimerCloseError => "sk_err_at_timer_close",
+            Signal::UserTimeout => "user_timeout",
+            Signal::RetransmitTimeout => "retransmit_timeout",
+            Signal::ZeroWindowTimeout => "zero_window_timeout",
+            Signal::ConnectTimeout => "connect_timeout",
             Signal::ResetWhileIdle => "rst_while_idle",
             Signal::Close => "close",
+            Signal::CloseMissed => "close_missed",
+        }
+    }
+
+    /// What the signal means for the peer, in a sentence (the `detail` of an ended event).
+    pub fn meaning(&self) -> &'static str {
+        match self {
+            Signal::ResetDuringProbe => {
+                "an RST answered a keepalive probe: the peer restarted and lost the connection, \
+                 or a firewall, NAT or load balancer that lost the flow answered for it (the \
+                 host cannot tell these apart)"
+            }
+            Signal::KeepaliveResetReason | Signal::TimerCloseError => {
+                "keepalive probes went unanswered until the probe count ran out"
+            }
+            Signal::UserTimeout => {
+                "nothing was acknowledged for TCP_USER_TIMEOUT (data or keepalive probes \
+                 unanswered)"
+            }
+            Signal::RetransmitTimeout => {
+                "data was retransmitted until net.ipv4.tcp_retries2 ran out without an \
+                 acknowledgement"
+            }
+            Signal::ZeroWindowTimeout => {
+                "the peer kept its receive window closed and stopped answering zero-window probes"
+            }
+            Signal::ConnectTimeout => "the connection attempt was never answered",
+            Signal::ResetWhileIdle => {
+                "an RST arrived while no probe was outstanding: the peer's application reset \
+                 it, or a middlebox dropped an idle flow"
+            }
+            Signal::Close => "the connection was closed",
+            Signal::CloseMissed => {
+                "the close was not seen (a kernel program run was skipped); a new socket took \
+                 the address"
+            }
         }
     }
 }
@@ -131,22 +218,30 @@ pub fn outcome(ending: &Ending) -> PeerState {
 ///
 /// A keepalive timeout is recognised by the RST reason TCP_KEEPALIVE_TIMEOUT where the kernel
 /// reports one, and otherwise by the socket error the timer left; both give the same state.
+/// A timeout is `dead` with ETIMEDOUT and `unreachable` with the ICMP error the kernel recorded.
 pub fn decide(ending: &Ending) -> (PeerState, Signal) {
     if ending.reset_received && ending.reset_during_probe {
         return (PeerState::Rebooted, Signal::ResetDuringProbe);
     }
-    if ending.by_keepalive_timer && (ending.keepalive_reset_sent || ending.error != 0) {
-        let state = if ending.error == libc::ETIMEDOUT || ending.error == 0 {
-            PeerState::Dead
-        } else {
-            PeerState::Unreachable
-        };
-        let signal = if ending.keepalive_reset_sent {
-            Signal::KeepaliveResetReason
-        } else {
-            Signal::TimerCloseError
-        };
-        return (state, signal);
+    if let Some(timer) = ending.timer {
+        if ending.error != 0 || ending.keepalive_reset_sent {
+            let state = if ending.error == libc::ETIMEDOUT || ending.error == 0 {
+                PeerState::Dead
+            } else {
+                PeerState::Unreachable
+            };
+            let signal = match timer {
+                _ if ending.user_timeout => Signal::UserTimeout,
+                TimeoutTimer::Keepalive if ending.keepalive_reset_sent => {
+                    Signal::KeepaliveResetReason
+                }
+                TimeoutTimer::Keepalive => Signal::TimerCloseError,
+                TimeoutTimer::Retransmit => Signal::RetransmitTimeout,
+                TimeoutTimer::ZeroWindow => Signal::ZeroWindowTimeout,
+                TimeoutTimer::Connect => Signal::ConnectTimeout,
+            };
+            return (state, signal);
+        }
     }
     if ending.reset_received {
         return (PeerState::Reset, Signal::ResetWhileIdle);
@@ -158,25 +253,60 @@ pub fn decide(ending: &Ending) -> (PeerState, Signal) {
 mod tests {
     use super::*;
 
-    #[test]
-    fn keepalive_timeout_without_icmp_is_dead() {
-        let ending = Ending {
-            by_keepalive_timer: true,
-            error: libc::ETIMEDOUT,
+    fn keepalive_timeout(error: i32) -> Ending {
+        Ending {
+            timer: Some(TimeoutTimer::Keepalive),
+            error,
             ..Ending::default()
-        };
-        assert_eq!(outcome(&ending), PeerState::Dead);
+        }
     }
 
     #[test]
-    fn keepalive_timeout_with_icmp_error_is_unreachable() {
+    fn keepalive_timeout_without_icmp_is_dead() {
+        assert_eq!(
+            outcome(&keepalive_timeout(libc::ETIMEDOUT)),
+            PeerState::Dead
+        );
+    }
+
+    #[test]
+    fn a_timeout_with_an_icmp_error_is_unreachable() {
         for error in [libc::EHOSTUNREACH, libc::ENETUNREACH, libc::EHOSTDOWN] {
+            assert_eq!(
+                outcome(&keepalive_timeout(error)),
+                PeerState::Unreachable,
+                "errno {error}"
+            );
+        }
+        let retransmit = Ending {
+            timer: Some(TimeoutTimer::Retransmit),
+            error: libc::EHOSTUNREACH,
+            ..Ending::default()
+        };
+        assert_eq!(
+            decide(&retransmit),
+            (PeerState::Unreachable, Signal::RetransmitTimeout)
+        );
+    }
+
+    #[test]
+    fn other_timers_say_which_one_gave_up() {
+        for (timer, signal) in [
+            (TimeoutTimer::Retransmit, Signal::RetransmitTimeout),
+            (TimeoutTimer::ZeroWindow, Signal::ZeroWindowTimeout),
+            (TimeoutTimer::Connect, Signal::ConnectTimeout),
+        ] {
             let ending = Ending {
-                by_keepalive_timer: true,
-                error,
+                timer: Some(timer),
+                error: libc::ETIMEDOUT,
                 ..Ending::default()
             };
-            assert_eq!(outcome(&ending), PeerState::Unreachable, "errno {error}");
+            assert_eq!(decide(&ending), (PeerState::Dead, signal));
+            let user = Ending {
+                user_timeout: true,
+                ..ending
+            };
+            assert_eq!(decide(&user), (PeerState::Dead, Signal::UserTimeout));
         }
     }
 
@@ -191,7 +321,7 @@ mod tests {
         assert_eq!(outcome(&ending), PeerState::Rebooted);
         // Also when the RST arrived inside the timer run that sent the probe.
         let in_run = Ending {
-            by_keepalive_timer: true,
+            timer: Some(TimeoutTimer::Keepalive),
             ..ending
         };
         assert_eq!(outcome(&in_run), PeerState::Rebooted);
@@ -206,21 +336,17 @@ mod tests {
         };
         assert_eq!(outcome(&reset), PeerState::Reset);
         assert_eq!(outcome(&Ending::default()), PeerState::Closed);
-        // An orphaned FIN_WAIT2 socket closed by the timer without error is a normal close.
-        let fin_wait = Ending {
-            by_keepalive_timer: true,
+        // A timer's close without an error is a normal close.
+        let quiet = Ending {
+            timer: Some(TimeoutTimer::Keepalive),
             ..Ending::default()
         };
-        assert_eq!(outcome(&fin_wait), PeerState::Closed);
+        assert_eq!(outcome(&quiet), PeerState::Closed);
     }
 
     #[test]
     fn keepalive_timeout_is_dead_with_or_without_the_reset_reason() {
-        let without_reason = Ending {
-            by_keepalive_timer: true,
-            error: libc::ETIMEDOUT,
-            ..Ending::default()
-        };
+        let without_reason = keepalive_timeout(libc::ETIMEDOUT);
         assert_eq!(
             decide(&without_reason),
             (PeerState::Dead, Signal::TimerCloseError)
@@ -251,27 +377,11 @@ mod tests {
     }
 
     #[test]
-    fn signals_of_resets_and_closes() {
-        let rebooted = Ending {
-            reset_received: true,
-            reset_during_probe: true,
-            ..Ending::default()
-        };
-        assert_eq!(decide(&rebooted).1, Signal::ResetDuringProbe);
-        let idle = Ending {
-            reset_received: true,
-            ..Ending::default()
-        };
-        assert_eq!(decide(&idle).1, Signal::ResetWhileIdle);
-        assert_eq!(decide(&Ending::default()).1, Signal::Close);
-        assert_eq!(Signal::TimerCloseError.to_string(), "sk_err_at_timer_close");
-    }
-
-    #[test]
     fn live_states() {
         assert_eq!(live_state(0, 9), PeerState::Alive);
         assert_eq!(live_state(2, 3).to_string(), "probing 2/3");
         assert!(!live_state(2, 3).kind().is_final());
         assert!(PeerState::Dead.kind().is_final());
+        assert_eq!(Signal::TimerCloseError.to_string(), "sk_err_at_timer_close");
     }
 }

@@ -1,22 +1,25 @@
 //! The connection table: every kernel record is applied here (`ConnectionTable::apply`), which
-//! keeps the tracked connections, records their changes in the history, and counts what happened.
+//! keeps the tracked connections, records their changes in the history, and counts what
+//! happened. Answers to probes are seen from the kernel's later records, or sooner from a
+//! socket query the collector makes when a probe is due for one (`due_checks`, `apply_check`).
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap},
+    net::SocketAddr,
     time::Duration,
 };
 
-use kalive_common::{event_flag, event_kind, ConnRecord, KernelEvent};
+use kalive_common::{event_flag, event_kind, tcp_state, ConnIdentity, KernelEvent, ResetKey};
 
 use crate::{
     kernel::{decode::endpoints, units::KernelUnits},
     tracking::{
         connection::{
-            direction_from_ports, service_port, Connection, EndedConnection, KeepaliveSettings,
-            PeerStateChange,
+            service_port, Connection, EndedConnection, KeepaliveSettings, PeerStateChange,
         },
         history::{Change, History},
-        peer_state::{decide, live_state, Ending, PeerState},
+        peer_state::{decide, live_state, Ending, PeerState, Signal, TimeoutTimer},
+        probe_rules::{answer_grace, answered, run_probes, Awaiting},
         totals::{Count, Origin, Tally, Totals},
     },
     wire::Direction,
@@ -26,10 +29,7 @@ use crate::{
 #[derive(Clone, Debug, PartialEq)]
 pub enum Notice {
     Tracked(Connection),
-    Probe {
-        connection: Connection,
-        answered_in_run: bool,
-    },
+    Probe(Connection),
     ProbeSendFailed(Connection),
     Ended(EndedConnection),
 }
@@ -50,30 +50,79 @@ impl Applied {
     }
 }
 
+/// A question for the kernel about one socket: has the peer answered the probe outstanding?
+/// (`NETLINK_SOCK_DIAG` in the socket's namespace; the collector asks, the table decides.)
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AnswerCheck {
+    pub sock: u64,
+    pub first_seen_ns: u64,
+    pub netns: u32,
+    pub local: SocketAddr,
+    pub remote: SocketAddr,
+}
+
+/// What the kernel said about a socket (see `AnswerCheck`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CheckResult {
+    /// The socket is gone (its close record is on its way).
+    Gone,
+    /// The question could not be asked (the namespace cannot be entered, the query budget is
+    /// spent): the probe counts as overdue.
+    Unavailable,
+    /// The socket as the kernel reports it.
+    Socket {
+        /// icsk_probes_out now.
+        probes_out: u32,
+        /// Since the last acceptable ACK (tcp_info last_ack_recv), when reported.
+        since_last_ack: Option<Duration>,
+        /// A keepalive timer is pending (SO_KEEPALIVE still on).
+        keepalive_timer: bool,
+        /// TCP state.
+        state: u8,
+    },
+}
+
 /// `KernelUnits::reset_reason` of SK_RST_REASON_TCP_KEEPALIVE_TIMEOUT.
 const KEEPALIVE_RESET_REASON: &str = "tcp_keepalive_timeout";
 
-/// The origin of a record about a socket kalive does not track (identity read from the socket,
-/// if there was one).
-fn untracked_origin(sock: u64, record: &ConnRecord, units: &KernelUnits) -> Origin {
-    if sock == 0 {
-        return Origin {
-            netns: record.netns,
-            direction: Direction::Inbound,
-            service_port: None,
-            remote_addr: None,
-            connection: None,
-        };
+/// Who opened a connection, from its record.
+fn direction_of(id: &ConnIdentity) -> Direction {
+    if id.accepted != 0 {
+        Direction::Inbound
+    } else {
+        Direction::Outbound
     }
-    let (local, remote) = endpoints(record);
-    let direction = direction_from_ports(local.port(), remote.port(), &units.ephemeral_ports);
+}
+
+/// The origin of a record about a socket kalive does not track.
+fn untracked_origin(id: &ConnIdentity) -> Origin {
+    let (local, remote) = endpoints(id);
+    let direction = direction_of(id);
     Origin {
-        netns: record.netns,
+        netns: id.netns,
         direction,
         service_port: Some(service_port(direction, local, remote)),
         remote_addr: Some(remote.ip()),
         connection: None,
     }
+}
+
+/// The timer that gave up on a socket closed with a timeout's error outside a keepalive run.
+fn timeout_timer(old_state: u32, event: &KernelEvent) -> TimeoutTimer {
+    let sample = &event.after;
+    if old_state == tcp_state::SYN_SENT {
+        TimeoutTimer::Connect
+    } else if sample.snd_wnd == 0 && sample.unsent_bytes > 0 && sample.packets_out == 0 {
+        TimeoutTimer::ZeroWindow
+    } else {
+        TimeoutTimer::Retransmit
+    }
+}
+
+/// True for the errors a timer leaves when it gives up (tcp_write_err): ETIMEDOUT or the ICMP
+/// error recorded before, not a reset or a refused connection.
+fn timeout_error(error: i32) -> bool {
+    error != 0 && error != libc::ECONNRESET && error != libc::EPIPE && error != libc::ECONNREFUSED
 }
 
 pub struct ConnectionTable {
@@ -82,6 +131,8 @@ pub struct ConnectionTable {
     history: History,
     totals: BTreeMap<u32, Totals>,
     next_id: u64,
+    /// Answer checks by (when due, socket), with the connection's first sighting.
+    checks: BTreeSet<(u64, u64, u64)>,
 }
 
 impl ConnectionTable {
@@ -92,6 +143,7 @@ impl ConnectionTable {
             history: History::new(history_limit),
             totals: BTreeMap::new(),
             next_id: 1,
+            checks: BTreeSet::new(),
         }
     }
 
@@ -138,7 +190,8 @@ impl ConnectionTable {
             event_kind::RESET_SENT => {
                 let origin = self.origin_of(event);
                 let reason = self.units.reset_reason(event.reset_reason);
-                self.tally(&mut applied, origin, Count::ResetSent { reason });
+                self.tally(&mut applied, origin, Count::ResetSent { reason, count: 1 });
+                self.refresh_known(event);
             }
             event_kind::ERROR_REPORT => self.error_report(event),
             event_kind::CLOSED => self.closed(event, &mut applied),
@@ -147,12 +200,118 @@ impl ConnectionTable {
         applied
     }
 
-    /// The origin of a record: its tracked connection's, or the socket's own identity.
-    fn origin_of(&self, event: &KernelEvent) -> Origin {
-        match self.known(event) {
-            Some(conn) => Origin::of(conn),
-            None => untracked_origin(event.sock, &event.conn, &self.units),
+    /// Adds the kernel's count of RSTs on sockets kalive does not track (UNTRACKED_RESETS).
+    pub fn count_untracked_resets(&mut self, key: &ResetKey, count: u64) -> Applied {
+        let mut applied = Applied::default();
+        if count == 0 {
+            return applied;
         }
+        let direction = if key.direction == kalive_common::key_direction::OUTBOUND {
+            Direction::Outbound
+        } else {
+            Direction::Inbound
+        };
+        let origin = Origin {
+            netns: key.netns,
+            direction,
+            service_port: (key.direction != kalive_common::key_direction::NO_SOCKET)
+                .then_some(key.service_port),
+            remote_addr: None,
+            connection: None,
+        };
+        let tally = if key.kind == kalive_common::reset_kind::RECEIVED {
+            Count::ResetReceived {
+                during_probe: key.detail != 0,
+                count,
+            }
+        } else {
+            Count::ResetSent {
+                reason: self.units.reset_reason(key.detail),
+                count,
+            }
+        };
+        self.tally(&mut applied, origin, tally);
+        applied
+    }
+
+    /// The answer checks due at `now_ns` (CLOCK_BOOTTIME), at most `max`, oldest first.
+    pub fn due_checks(&mut self, now_ns: u64, max: usize) -> Vec<AnswerCheck> {
+        let mut due = Vec::new();
+        while due.len() < max {
+            let Some(&first) = self.checks.first() else {
+                break;
+            };
+            let (deadline, sock, first_seen_ns) = first;
+            if deadline > now_ns {
+                break;
+            }
+            self.checks.remove(&first);
+            if let Some(conn) = self
+                .live
+                .get(&sock)
+                .filter(|conn| conn.first_seen_ns == first_seen_ns && conn.awaiting.is_some())
+            {
+                due.push(AnswerCheck {
+                    sock,
+                    first_seen_ns,
+                    netns: conn.netns,
+                    local: conn.local,
+                    remote: conn.remote,
+                });
+            }
+        }
+        due
+    }
+
+    /// Folds the kernel's answer to an `AnswerCheck` in, at `now_ns`.
+    pub fn apply_check(&mut self, check: &AnswerCheck, result: CheckResult, now_ns: u64) {
+        let Some(mut conn) = self
+            .live
+            .get(&check.sock)
+            .filter(|conn| conn.first_seen_ns == check.first_seen_ns)
+            .cloned()
+        else {
+            return;
+        };
+        let Some(awaiting) = conn.awaiting else {
+            return;
+        };
+        let age = Duration::from_nanos(now_ns.saturating_sub(awaiting.sent_ns));
+        match result {
+            CheckResult::Gone => return,
+            CheckResult::Socket {
+                keepalive_timer: false,
+                state,
+                ..
+            } if u32::from(state) == tcp_state::ESTABLISHED => {
+                // SO_KEEPALIVE was turned off: nothing probes this connection any more.
+                conn.keepalive_on = false;
+                conn.awaiting = None;
+                self.set_peer_state(&mut conn, PeerState::Alive, now_ns);
+            }
+            CheckResult::Socket {
+                probes_out,
+                since_last_ack,
+                ..
+            } => {
+                let acked_since_probe =
+                    since_last_ack.is_some_and(|since| since + Duration::from_millis(10) < age);
+                if probes_out < awaiting.probes_out || acked_since_probe {
+                    self.answer(&mut conn, now_ns, &mut Applied::default());
+                    conn.probes_outstanding = probes_out;
+                } else {
+                    conn.probes_outstanding = probes_out;
+                    let state = live_state(probes_out.max(1), conn.probe_limit());
+                    self.set_peer_state(&mut conn, state, now_ns);
+                    self.schedule_recheck(check.sock, &conn, now_ns);
+                }
+            }
+            CheckResult::Unavailable => {
+                let state = live_state(conn.probes_outstanding.max(1), conn.probe_limit());
+                self.set_peer_state(&mut conn, state, now_ns);
+            }
+        }
+        self.live.insert(check.sock, conn);
     }
 
     /// Adds a count to its namespace's totals and to what the metrics will take.
@@ -161,27 +320,55 @@ impl ConnectionTable {
         applied.tallies.push(Tally { origin, count });
     }
 
-    fn new_connection(&mut self, record: &ConnRecord) -> Connection {
-        let (local, remote) = endpoints(record);
+    /// The origin of a record: its tracked connection's, or the socket's own identity.
+    fn origin_of(&self, event: &KernelEvent) -> Origin {
+        match self.known(event) {
+            Some(conn) => Origin::of(conn),
+            None => untracked_origin(&event.id),
+        }
+    }
+
+    /// The live connection this record is about, if the table knows it.
+    fn known(&self, event: &KernelEvent) -> Option<&Connection> {
+        if event.first_seen_ns == 0 {
+            return None;
+        }
+        self.live
+            .get(&event.sock)
+            .filter(|c| c.first_seen_ns == event.first_seen_ns)
+    }
+
+    fn settings(&self, event: &KernelEvent) -> KeepaliveSettings {
+        let sample = &event.after;
+        KeepaliveSettings {
+            idle: self.units.jiffies(sample.keepalive_time_jiffies),
+            interval: self.units.jiffies(sample.keepalive_intvl_jiffies),
+            probe_limit: sample.keepalive_probes,
+            user_timeout: (sample.user_timeout_ms != 0)
+                .then(|| Duration::from_millis(u64::from(sample.user_timeout_ms))),
+        }
+    }
+
+    fn new_connection(&mut self, event: &KernelEvent) -> Connection {
+        let (local, remote) = endpoints(&event.id);
         let id = self.next_id;
         self.next_id += 1;
         Connection {
             id,
-            netns: record.netns,
+            netns: event.id.netns,
             local,
             remote,
-            direction: direction_from_ports(
-                local.port(),
-                remote.port(),
-                &self.units.ephemeral_ports,
-            ),
-            keepalive_on: record.keepalive_on != 0,
-            settings: self.settings(record),
+            direction: direction_of(&event.id),
+            keepalive_on: event.after.keepalive_on != 0,
+            settings: self.settings(event),
             probes_sent: 0,
             probes_answered: 0,
             probes_outstanding: 0,
             send_failures: 0,
-            first_seen_ns: record.first_seen_ns,
+            awaiting: None,
+            window_closed: false,
+            srtt: Duration::ZERO,
+            first_seen_ns: event.first_seen_ns,
             last_probe_ns: 0,
             last_run_ns: 0,
             idle_at_last_run: Duration::ZERO,
@@ -192,49 +379,54 @@ impl ConnectionTable {
         }
     }
 
-    fn settings(&self, record: &ConnRecord) -> KeepaliveSettings {
-        KeepaliveSettings {
-            idle: self.units.jiffies(record.idle_jiffies),
-            interval: self.units.jiffies(record.interval_jiffies),
-            probe_limit: record.probe_limit,
-            user_timeout: (record.user_timeout_ms != 0)
-                .then(|| Duration::from_millis(u64::from(record.user_timeout_ms))),
+    /// Copies what the socket said (settings, outstanding probes, window) into `conn`.
+    fn refresh(&self, conn: &mut Connection, event: &KernelEvent) {
+        let sample = &event.after;
+        conn.keepalive_on = sample.keepalive_on != 0;
+        conn.settings = self.settings(event);
+        conn.probes_outstanding = sample.probes_out;
+        conn.window_closed = sample.snd_wnd == 0 && sample.unsent_bytes > 0;
+        conn.srtt = Duration::from_micros(u64::from(sample.srtt_us));
+    }
+
+    /// Refreshes the connection a record is about, if the table knows it.
+    fn refresh_known(&mut self, event: &KernelEvent) {
+        if let Some(mut conn) = self.known(event).cloned() {
+            self.refresh(&mut conn, event);
+            self.live.insert(event.sock, conn);
         }
     }
 
-    /// Copies the kernel's per-connection counters and settings into `conn`.
-    fn refresh(&self, conn: &mut Connection, record: &ConnRecord) {
-        conn.keepalive_on = record.keepalive_on != 0;
-        conn.settings = self.settings(record);
-        conn.probes_sent = record.probes_sent;
-        conn.probes_answered = record.probes_answered;
-        conn.probes_outstanding = record.probes_out;
-        conn.send_failures = record.send_failures;
-        conn.last_probe_ns = record.last_probe_ns;
-        conn.last_run_ns = record.last_run_ns;
-        conn.idle_at_last_run = self
-            .units
-            .jiffies(record.jiffies_at_run.wrapping_sub(record.rcv_tstamp));
-    }
-
-    /// The live connection this record is about, if the table knows it.
-    fn known(&self, event: &KernelEvent) -> Option<&Connection> {
-        self.live
-            .get(&event.sock)
-            .filter(|c| c.first_seen_ns == event.conn.first_seen_ns)
-    }
-
-    /// The live connection for this record's socket, created when the kernel saw it first.
-    fn connection_for(&mut self, event: &KernelEvent) -> Option<(Connection, bool)> {
-        match self.known(event) {
-            Some(conn) => Some((conn.clone(), false)),
-            // The kernel marks every record of a connection in CONNECTIONS as TRACKED (the first
-            // one also FIRST_SEEN); one the table does not know yet starts a new entry.
-            None if event.flags & event_flag::TRACKED != 0 => {
-                Some((self.new_connection(&event.conn), true))
-            }
-            None => None,
+    /// The live connection for this record's socket: the known one, or a new one when the
+    /// kernel tracks it. A record of a new connection at an address the table holds for another
+    /// one (its close was never reported) ends that one first.
+    fn connection_for(
+        &mut self,
+        event: &KernelEvent,
+        applied: &mut Applied,
+    ) -> Option<(Connection, bool)> {
+        if let Some(conn) = self.known(event) {
+            return Some((conn.clone(), false));
         }
+        if event.flags & event_flag::TRACKED == 0 {
+            return None;
+        }
+        if let Some(old) = self.live.get(&event.sock).cloned() {
+            let ending = Ending {
+                reset_received: old.reset_received,
+                reset_during_probe: old.reset_during_probe,
+                ..Ending::default()
+            };
+            self.end(
+                event.sock,
+                old,
+                &ending,
+                Some(Signal::CloseMissed),
+                event.time_ns,
+                applied,
+            );
+        }
+        Some((self.new_connection(event), true))
     }
 
     /// Sets a live connection's peer state, recording the change in the history.
@@ -250,28 +442,75 @@ impl ConnectionTable {
         }
     }
 
+    /// The peer answered the probe outstanding.
+    fn answer(&mut self, conn: &mut Connection, time_ns: u64, applied: &mut Applied) {
+        if conn.awaiting.take().is_none() {
+            return;
+        }
+        conn.probes_answered += 1;
+        conn.probes_outstanding = 0;
+        self.tally(applied, Origin::of(conn), Count::ProbesAnswered(1));
+        self.set_peer_state(conn, PeerState::Alive, time_ns);
+    }
+
+    /// Schedules an answer check for the probe of `conn` (at socket `sock`) sent at `sent_ns`,
+    /// at `at_ns`, unless its next keepalive run comes first (that run will say).
+    fn schedule_check(&mut self, sock: u64, conn: &Connection, sent_ns: u64, at_ns: u64) {
+        let next_run_ns = sent_ns.saturating_add(duration_ns(conn.settings.interval));
+        if at_ns < next_run_ns {
+            self.checks.insert((at_ns, sock, conn.first_seen_ns));
+        }
+    }
+
+    /// While a probe stays unanswered: ask again a second later, so an answer that comes late is
+    /// seen within a second.
+    fn schedule_recheck(&mut self, sock: u64, conn: &Connection, now_ns: u64) {
+        if let Some(awaiting) = conn.awaiting {
+            let at = now_ns.saturating_add(1_000_000_000);
+            self.schedule_check(sock, conn, awaiting.sent_ns, at);
+        }
+    }
+
     fn timer_run(&mut self, event: &KernelEvent, applied: &mut Applied) {
-        let Some((mut conn, new)) = self.connection_for(event) else {
+        let probes = run_probes(event, self.units.hz);
+        let Some((mut conn, new)) = self.connection_for(event, applied) else {
+            // Not tracked (the kernel map is full, or the run closed a socket it never
+            // tracked): its probes and its timeout still count.
+            let origin = untracked_origin(&event.id);
+            if probes.sent > 0 {
+                self.tally(
+                    applied,
+                    origin.clone(),
+                    Count::ProbesSent(u64::from(probes.sent)),
+                );
+            }
+            if probes.failed {
+                self.tally(applied, origin.clone(), Count::ProbeSendFailures(1));
+            }
+            if event.flags & event_flag::CLOSED_IN_RUN != 0 && timeout_error(event.error) {
+                self.tally(
+                    applied,
+                    origin,
+                    Count::Timeout {
+                        timer: TimeoutTimer::Keepalive,
+                    },
+                );
+            }
             return;
         };
         if new {
             applied.notices.push(Notice::Tracked(conn.clone()));
         }
-        let before = (conn.probes_sent, conn.probes_answered, conn.send_failures);
-        self.refresh(&mut conn, &event.conn);
+        // Answer evidence first: the socket as this run began, against the probe outstanding.
+        if let Some(awaiting) = conn.awaiting {
+            if answered(&awaiting, event.probes_out_before, event.rcv_tstamp_before) {
+                self.answer(&mut conn, event.time_ns, applied);
+            }
+        }
+        self.refresh(&mut conn, event);
+        conn.last_run_ns = event.time_ns;
+        conn.idle_at_last_run = self.units.jiffies(event.idle_jiffies);
         let origin = Origin::of(&conn);
-        let sent = conn.probes_sent.saturating_sub(before.0);
-        let answered = conn.probes_answered.saturating_sub(before.1);
-        let failed = conn.send_failures.saturating_sub(before.2);
-        if sent > 0 {
-            self.tally(applied, origin.clone(), Count::ProbesSent(sent));
-        }
-        if answered > 0 {
-            self.tally(applied, origin.clone(), Count::ProbesAnswered(answered));
-        }
-        if failed > 0 {
-            self.tally(applied, origin.clone(), Count::ProbeSendFailures(failed));
-        }
 
         let flags = event.flags;
         if flags & event_flag::RESET_IN_RUN != 0 {
@@ -280,47 +519,68 @@ impl ConnectionTable {
             self.tally(
                 applied,
                 origin.clone(),
-                Count::ResetReceived { during_probe: true },
+                Count::ResetReceived {
+                    during_probe: true,
+                    count: 1,
+                },
             );
         }
         if flags & event_flag::RESET_SENT_IN_RUN != 0 {
             let reason = self.units.reset_reason(event.reset_reason);
-            self.tally(applied, origin.clone(), Count::ResetSent { reason });
+            self.tally(
+                applied,
+                origin.clone(),
+                Count::ResetSent { reason, count: 1 },
+            );
         }
-        if flags & event_flag::PROBE_SENT != 0 {
-            let answered_in_run = flags & event_flag::ANSWERED_IN_RUN != 0;
-            let state = if answered_in_run {
-                PeerState::Alive
-            } else {
-                live_state(conn.probes_outstanding.max(1), conn.settings.probe_limit)
-            };
-            if flags & event_flag::CLOSED_IN_RUN == 0 {
-                self.set_peer_state(&mut conn, state, event.time_ns);
-            } else {
-                conn.peer_state = state;
-            }
-            applied.notices.push(Notice::Probe {
-                connection: conn.clone(),
-                answered_in_run,
-            });
-        } else if flags & event_flag::PREVIOUS_PROBE_ANSWERED != 0 {
-            self.set_peer_state(&mut conn, PeerState::Alive, event.time_ns);
+        if probes.sent > 0 {
+            conn.probes_sent += u64::from(probes.sent);
+            self.tally(
+                applied,
+                origin.clone(),
+                Count::ProbesSent(u64::from(probes.sent)),
+            );
         }
-        if flags & event_flag::SEND_FAILED != 0 {
+        if probes.failed {
+            conn.send_failures += 1;
+            self.tally(applied, origin.clone(), Count::ProbeSendFailures(1));
             applied.notices.push(Notice::ProbeSendFailed(conn.clone()));
         }
+        let closed = flags & event_flag::CLOSED_IN_RUN != 0;
+        if probes.attempted && !closed {
+            conn.last_probe_ns = event.time_ns;
+            if event.after.probes_out > 0 {
+                conn.awaiting = Some(Awaiting {
+                    sent_ns: event.time_ns,
+                    rcv_tstamp: event.after.rcv_tstamp,
+                    probes_out: event.after.probes_out,
+                });
+                // A second unanswered probe means the first went unanswered for an interval:
+                // overdue. The first one is overdue only once its grace has passed unanswered.
+                if event.after.probes_out >= 2 {
+                    let state = live_state(event.after.probes_out, conn.probe_limit());
+                    self.set_peer_state(&mut conn, state, event.time_ns);
+                }
+                let due = event
+                    .time_ns
+                    .saturating_add(duration_ns(answer_grace(conn.srtt)));
+                self.schedule_check(event.sock, &conn, event.time_ns, due);
+            }
+            applied.notices.push(Notice::Probe(conn.clone()));
+        }
 
-        if flags & event_flag::CLOSED_IN_RUN != 0 {
+        if closed {
             let keepalive_reset_sent = flags & event_flag::RESET_SENT_IN_RUN != 0
                 && self.units.reset_reason(event.reset_reason) == KEEPALIVE_RESET_REASON;
             let ending = Ending {
-                by_keepalive_timer: true,
+                timer: Some(TimeoutTimer::Keepalive),
+                user_timeout: conn.settings.user_timeout.is_some(),
                 error: event.error,
                 reset_received: conn.reset_received,
                 reset_during_probe: conn.reset_during_probe,
                 keepalive_reset_sent,
             };
-            self.end(event.sock, conn, &ending, event.time_ns, applied);
+            self.end(event.sock, conn, &ending, None, event.time_ns, applied);
         } else {
             self.live.insert(event.sock, conn);
         }
@@ -328,10 +588,16 @@ impl ConnectionTable {
 
     fn reset_received(&mut self, event: &KernelEvent, applied: &mut Applied) {
         let during_probe = event.flags & event_flag::DURING_PROBE != 0;
-        let known = self.known(event).cloned();
         let origin = self.origin_of(event);
-        self.tally(applied, origin, Count::ResetReceived { during_probe });
-        if let Some(mut conn) = known {
+        self.tally(
+            applied,
+            origin,
+            Count::ResetReceived {
+                during_probe,
+                count: 1,
+            },
+        );
+        if let Some(mut conn) = self.known(event).cloned() {
             conn.reset_received = true;
             conn.reset_during_probe |= during_probe;
             let state = if during_probe {
@@ -347,48 +613,78 @@ impl ConnectionTable {
     /// A socket error (inet_sk_error_report) on a tracked connection outside a keepalive run.
     fn error_report(&mut self, event: &KernelEvent) {
         if let Some(conn) = self.live.get_mut(&event.sock) {
-            conn.last_error = event.error;
+            if conn.first_seen_ns == event.first_seen_ns {
+                conn.last_error = event.error;
+            }
         }
     }
 
     fn closed(&mut self, event: &KernelEvent, applied: &mut Applied) {
-        let Some((mut conn, _)) = self.connection_for(event) else {
+        let timed_out = timeout_error(event.error);
+        let timer = timeout_timer(event.state_before, event);
+        let Some(mut conn) = self.known(event).cloned() else {
+            // An untracked socket reported only because a timer gave up on it.
+            if timed_out && event.flags & event_flag::DESTROYED == 0 {
+                self.tally(
+                    applied,
+                    untracked_origin(&event.id),
+                    Count::Timeout { timer },
+                );
+            }
             return;
         };
-        self.refresh(&mut conn, &event.conn);
+        // The answer to the last probe may have come after the last timer run.
+        if let Some(awaiting) = conn.awaiting {
+            if answered(&awaiting, event.after.probes_out, event.after.rcv_tstamp) {
+                self.answer(&mut conn, event.time_ns, applied);
+            }
+        }
+        self.refresh(&mut conn, event);
+        let reset_during_probe = conn.reset_during_probe
+            || (conn.reset_received && event.flags & event_flag::DURING_PROBE != 0);
         let ending = Ending {
-            by_keepalive_timer: false,
+            timer: (timed_out && !conn.reset_received).then_some(timer),
+            user_timeout: conn.settings.user_timeout.is_some(),
             error: event.error,
             reset_received: conn.reset_received,
-            reset_during_probe: conn.reset_during_probe
-                || (conn.reset_received && event.flags & event_flag::DURING_PROBE != 0),
+            reset_during_probe,
             keepalive_reset_sent: false,
         };
-        self.end(event.sock, conn, &ending, event.time_ns, applied);
+        self.end(event.sock, conn, &ending, None, event.time_ns, applied);
     }
 
+    /// Ends a connection: its outcome (decided from `ending`, or `signal` forced), counted and
+    /// recorded in the history.
     fn end(
         &mut self,
         sock: u64,
         mut conn: Connection,
         ending: &Ending,
+        signal: Option<Signal>,
         time_ns: u64,
         applied: &mut Applied,
     ) {
         self.live.remove(&sock);
-        let (outcome, signal) = decide(ending);
+        let (outcome, decided) = decide(ending);
+        let signal = signal.unwrap_or(decided);
         conn.peer_state = outcome;
+        conn.awaiting = None;
         if ending.error != 0 {
             conn.last_error = ending.error;
         }
+        let origin = Origin::of(&conn);
+        if outcome.is_timeout() {
+            if let Some(timer) = ending.timer {
+                self.tally(applied, origin.clone(), Count::Timeout { timer });
+            }
+        }
         self.tally(
             applied,
-            Origin::of(&conn),
+            origin,
             Count::Ended {
                 outcome,
                 probes_sent: conn.probes_sent,
-                detection: outcome
-                    .is_keepalive_timeout()
+                detection: (ending.timer == Some(TimeoutTimer::Keepalive) && outcome.is_timeout())
                     .then_some(conn.idle_at_last_run),
             },
         );
@@ -402,4 +698,8 @@ impl ConnectionTable {
         self.history.record(Change::Ended(ended.clone()));
         applied.notices.push(Notice::Ended(ended));
     }
+}
+
+fn duration_ns(duration: Duration) -> u64 {
+    u64::try_from(duration.as_nanos()).unwrap_or(u64::MAX)
 }

@@ -4,7 +4,10 @@
 use std::{collections::BTreeMap, net::IpAddr, time::Duration};
 
 use crate::{
-    tracking::{connection::Connection, peer_state::PeerState},
+    tracking::{
+        connection::Connection,
+        peer_state::{PeerState, TimeoutTimer},
+    },
     wire::Direction,
 };
 
@@ -39,12 +42,19 @@ pub enum Count {
     ProbesSent(u64),
     ProbesAnswered(u64),
     ProbeSendFailures(u64),
+    /// `count` RSTs received (more than one for the kernel's counts of untracked sockets).
     ResetReceived {
         during_probe: bool,
+        count: u64,
     },
     /// By enum sk_rst_reason name, lower case ("unknown" when the kernel gives none).
     ResetSent {
         reason: String,
+        count: u64,
+    },
+    /// A timer gave up on a connection (tracked or not): one TcpExt TCPAbortOnTimeout.
+    Timeout {
+        timer: TimeoutTimer,
     },
     Ended {
         outcome: PeerState,
@@ -69,6 +79,9 @@ pub struct Totals {
     pub probe_send_failures: u64,
     /// Connections closed by the keepalive timer with an error (dead or unreachable).
     pub keepalive_timeouts: u64,
+    /// Connections any timer gave up on (keepalive included), by timer name: together they
+    /// are what TcpExt TCPAbortOnTimeout counts.
+    pub timeouts: BTreeMap<&'static str, u64>,
     pub resets_received: u64,
     pub resets_received_during_probe: u64,
     /// RSTs sent, by enum sk_rst_reason name ("unknown" when the kernel has no reason).
@@ -83,22 +96,33 @@ impl Totals {
             Count::ProbesSent(n) => self.probes_sent += n,
             Count::ProbesAnswered(n) => self.probes_answered += n,
             Count::ProbeSendFailures(n) => self.probe_send_failures += n,
-            Count::ResetReceived { during_probe } => {
-                self.resets_received += 1;
+            Count::ResetReceived {
+                during_probe,
+                count,
+            } => {
+                self.resets_received += count;
                 if *during_probe {
-                    self.resets_received_during_probe += 1;
+                    self.resets_received_during_probe += count;
                 }
             }
-            Count::ResetSent { reason } => {
-                *self.resets_sent.entry(reason.clone()).or_default() += 1;
+            Count::ResetSent { reason, count } => {
+                *self.resets_sent.entry(reason.clone()).or_default() += count;
             }
-            Count::Ended { outcome, .. } => {
-                if outcome.is_keepalive_timeout() {
+            Count::Timeout { timer } => {
+                if *timer == TimeoutTimer::Keepalive {
                     self.keepalive_timeouts += 1;
                 }
+                *self.timeouts.entry(timer.name()).or_default() += 1;
+            }
+            Count::Ended { outcome, .. } => {
                 *self.outcomes.entry(outcome.name()).or_default() += 1;
             }
         }
+    }
+
+    /// Connections any timer gave up on: what TcpExt TCPAbortOnTimeout counts.
+    pub fn all_timeouts(&self) -> u64 {
+        self.timeouts.values().sum()
     }
 
     /// Adds another namespace's totals (for figures over the whole host).
@@ -114,6 +138,9 @@ impl Totals {
         }
         for (outcome, n) in &other.outcomes {
             *self.outcomes.entry(outcome).or_default() += n;
+        }
+        for (timer, n) in &other.timeouts {
+            *self.timeouts.entry(timer).or_default() += n;
         }
     }
 }

@@ -1,17 +1,15 @@
 //! The JSON API's bodies on tables of synthetic kernel records: filters, truncation, following
 //! the history without loss, and the status.
 
-use kalive_common::{event_flag, event_kind};
+use kalive_common::event_kind;
 use kalive_daemon::{
     export::{
         api::{self, Clock, ConnectionsQuery, DaemonInfo, EventsQuery},
         metrics::{Metrics, SeriesOptions},
     },
-    wire::{PeerStateKind, StatusJson},
+    wire::{EventKind, PeerStateKind, StatusJson},
 };
-use kalive_testkit::fixtures::{
-    conn_record, empty_table, record, table_with_every_outcome, timer_run,
-};
+use kalive_testkit::fixtures::{empty_table, table_with_every_outcome, FakeSocket};
 
 const CLOCK: Clock = Clock {
     boot_ns: 10_000_000_000,
@@ -22,15 +20,18 @@ const CLOCK: Clock = Clock {
 fn connections_are_filtered_and_truncated_with_a_marker() {
     let mut table = empty_table(2);
     for n in [1, 2, 3] {
-        let mut state = conn_record(n);
-        state.probe_limit = 3;
-        let mut flags = event_flag::FIRST_SEEN;
-        if n == 2 {
-            state.probes_sent = 1;
-            state.probes_out = 1;
-            flags |= event_flag::PROBE_SENT;
+        let mut socket = FakeSocket::new(n);
+        socket.sample.keepalive_probes = 3;
+        if n == 3 {
+            // The peer stopped reading: zero window, data waiting.
+            socket.sample.snd_wnd = 0;
+            socket.sample.unsent_bytes = 4_096;
         }
-        table.apply(&timer_run(u64::from(n), state, flags));
+        table.apply(&socket.first_run());
+        if n == 2 {
+            table.apply(&socket.probe());
+            table.apply(&socket.probe());
+        }
     }
     let all = api::connections(
         &table,
@@ -46,9 +47,16 @@ fn connections_are_filtered_and_truncated_with_a_marker() {
         "tracepoint",
     );
     assert_eq!(probing.connections.len(), 1);
-    assert_eq!(probing.connections[0].local_port, conn_record(2).local_port);
+    assert_eq!(
+        probing.connections[0].local_port,
+        FakeSocket::new(2).id.local_port
+    );
     assert_eq!(probing.connections[0].peer_state, PeerStateKind::Probing);
-    assert_eq!(probing.connections[0].peer_state_detail, "probing 1/3");
+    assert_eq!(probing.connections[0].peer_state_detail, "probing 2/3");
+    assert!(!probing.connections[0].peer_window_closed);
+    let stalled = &all.connections[2];
+    assert_eq!(stalled.peer_state_detail, "alive, window closed");
+    assert!(stalled.peer_window_closed);
     let limited = api::connections(
         &table,
         &ConnectionsQuery::parse(Some("limit=2")).unwrap(),
@@ -69,10 +77,10 @@ fn connections_are_filtered_and_truncated_with_a_marker() {
 #[test]
 fn events_can_be_followed_without_loss() {
     let mut table = empty_table(2);
-    for sock in 1..=5u64 {
-        let state = conn_record(100 + sock as u32);
-        table.apply(&timer_run(sock, state, event_flag::FIRST_SEEN));
-        table.apply(&record(event_kind::CLOSED, sock, state, 0));
+    for n in 1..=5u32 {
+        let mut socket = FakeSocket::new(100 + n);
+        table.apply(&socket.first_run());
+        table.apply(&socket.record(event_kind::CLOSED, 0));
     }
     // The table keeps 2 entries per kind: seq 4 and 5 of 1..=5.
     let newest = api::events(&table, &EventsQuery::parse(None).unwrap(), &CLOCK, "fentry");
@@ -148,10 +156,58 @@ fn status_adds_up_the_namespaces_and_round_trips_through_json() {
     let host = table.host_totals();
     assert_eq!(status.probes_sent, host.probes_sent);
     assert_eq!(status.keepalive_timeouts, 1);
+    assert_eq!(
+        host.all_timeouts(),
+        2,
+        "the keepalive timeout and an untracked one"
+    );
     assert_eq!(status.resets_received, 2);
     assert_eq!(status.connections, table.connection_count());
     let text = serde_json::to_string(&status).expect("encode");
     assert!(text.contains("\"hook_mode\":\"tracepoint\""), "{text}");
     let back: StatusJson = serde_json::from_str(&text).expect("decode");
     assert_eq!(back, status);
+}
+
+/// An ended connection says what decided its outcome, and a rebooted peer's detail says that a
+/// middlebox answering for it looks the same.
+#[test]
+fn ended_events_carry_the_signal_and_what_it_means() {
+    let (table, _) = table_with_every_outcome();
+    let page = api::events(
+        &table,
+        &EventsQuery::parse(Some("limit=100")).unwrap(),
+        &CLOCK,
+        "tracepoint",
+    );
+    let ended: Vec<_> = page
+        .events
+        .iter()
+        .filter(|e| e.kind == EventKind::Ended)
+        .collect();
+    assert!(!ended.is_empty());
+    for event in &ended {
+        assert!(event.signal.is_some(), "{event:?}");
+        assert!(event.detail.is_some(), "{event:?}");
+    }
+    let rebooted = ended
+        .iter()
+        .find(|e| e.outcome == Some(PeerStateKind::Rebooted))
+        .expect("a rebooted outcome");
+    assert_eq!(rebooted.signal.as_deref(), Some("rst_during_probe"));
+    assert!(
+        rebooted
+            .detail
+            .as_deref()
+            .is_some_and(|d| d.contains("load balancer")),
+        "{rebooted:?}"
+    );
+    let dead = ended
+        .iter()
+        .find(|e| e.outcome == Some(PeerStateKind::Dead))
+        .expect("a dead outcome");
+    assert!(dead
+        .detail
+        .as_deref()
+        .is_some_and(|d| d.contains("unanswered")));
 }

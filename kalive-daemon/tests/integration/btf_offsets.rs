@@ -2,7 +2,7 @@
 //! this machine) and Debian 12's 6.1.0-56-cloud-amd64 (the .BTF section of its vmlinuz, extracted
 //! with `objcopy -O binary --only-section=.BTF`). The expected numbers were read from the same
 //! blobs with pahole (dwarves 1.24):
-//! `pahole -F btf -C sock_common|sock|inet_connection_sock|tcp_sock|net|netns_ipv4|ns_common <blob>`.
+//! `pahole -F btf -C sock_common|sock|inet_sock|inet_connection_sock|tcp_sock|net|netns_ipv4|ns_common|timer_list <blob>`.
 
 use std::io::Read as _;
 
@@ -32,7 +32,6 @@ fn sock_layout_matches_pahole() {
     assert_eq!(layout.remote_addr4, field(0, 4));
     assert_eq!(layout.local_addr4, field(4, 4));
     assert_eq!(layout.remote_port, field(12, 2));
-    assert_eq!(layout.local_port, field(14, 2));
     assert_eq!(layout.family, field(16, 2));
     assert_eq!(layout.state, field(18, 1));
     assert_eq!(layout.net, field(48, 8));
@@ -42,7 +41,11 @@ fn sock_layout_matches_pahole() {
     assert_eq!(layout.sk_flags, field(96, 8));
     // struct sock
     assert_eq!(layout.sk_err, field(284, 4));
+    assert_eq!(layout.sk_err_soft, field(372, 4));
+    assert_eq!(layout.max_ack_backlog, field(604, 4));
     assert_eq!(layout.lock_owned, field(320 + 4, 4));
+    // struct inet_sock: the local port that outlives the close (skc_num does not).
+    assert_eq!(layout.local_port, field(814, 2));
     // No icsk_keepalive_timer on this kernel: the keepalive timer is sock.sk_timer.
     assert_eq!(layout.keepalive_timer, field(448, 40));
     // struct inet_connection_sock
@@ -52,6 +55,11 @@ fn sock_layout_matches_pahole() {
     // struct tcp_sock
     assert_eq!(layout.packets_out, field(1684, 4));
     assert_eq!(layout.rcv_tstamp, field(1724, 4));
+    assert_eq!(layout.snd_wnd, field(1436, 4));
+    assert_eq!(layout.segs_out, field(1536, 4));
+    assert_eq!(layout.write_seq, field(1576, 4));
+    assert_eq!(layout.snd_nxt, field(1668, 4));
+    assert_eq!(layout.srtt_us, field(1680, 4));
     assert_eq!(layout.keepalive_probes, field(1917, 1));
     assert_eq!(layout.keepalive_time, field(2220, 4));
     assert_eq!(layout.keepalive_intvl, field(2224, 4));
@@ -60,8 +68,11 @@ fn sock_layout_matches_pahole() {
     assert_eq!(layout.net_keepalive_time, field(768 + 564, 4));
     assert_eq!(layout.net_keepalive_intvl, field(768 + 568, 4));
     assert_eq!(layout.net_keepalive_probes, field(768 + 572, 1));
+    // struct timer_list
+    assert_eq!(layout.timer_expires, field(16, 8));
     // enum sock_flags
     assert_eq!(layout.keepopen_bit, 3);
+    assert_eq!(layout.dead_bit, 0);
 }
 
 /// Debian's 6.1 kernel keeps the keepalive timer in `inet_connection_sock.icsk_keepalive_timer`
@@ -87,6 +98,14 @@ fn debian_6_1_keepalive_timer_is_the_icsk_one() {
     assert_eq!(layout.keepalive_probes, field(1735, 1));
     assert_eq!(layout.keepalive_time, field(2152, 4));
     assert_eq!(layout.keepalive_intvl, field(2156, 4));
+    assert_eq!(layout.local_port, field(804, 2));
+    assert_eq!(layout.sk_err_soft, field(548, 4));
+    assert_eq!(layout.max_ack_backlog, field(556, 4));
+    assert_eq!(layout.snd_nxt, field(1476, 4));
+    assert_eq!(layout.segs_out, field(1480, 4));
+    assert_eq!(layout.snd_wnd, field(1572, 4));
+    assert_eq!(layout.srtt_us, field(1672, 4));
+    assert_eq!(layout.write_seq, field(1852, 4));
     assert_eq!(layout.keepopen_bit, 3);
     // Linux 6.1 has no enum sk_rst_reason (added in 6.10).
     assert!(kernel.reset_reasons().is_empty());

@@ -13,6 +13,7 @@ mod daemon_binary;
 mod http_server;
 mod metrics_vs_kernel;
 mod privileged;
+mod real_link;
 mod table;
 mod top_tmux;
 

@@ -38,6 +38,7 @@ const SERVICE_PORT: u16 = 7100;
 const SERVICE_PORT_V6: u16 = 7106;
 
 /// What the kernel and the applications reported for the scenarios.
+#[derive(Debug)]
 struct KernelView {
     tcp_ext: KernelDelta,
     out_rsts: u64,
@@ -248,7 +249,18 @@ fn prometheus_sees_the_kernels_counts_for_the_core_scenarios() {
         }
         std::thread::sleep(Duration::from_millis(200));
     };
-    assert_eq!(ended.len(), 6, "outcomes seen: {ended:?}");
+    if ended.len() != 6 {
+        let (_, connections) = daemon.get("/api/v1/connections");
+        let (_, metrics) = daemon.get("/metrics");
+        let losses: Vec<&str> = metrics
+            .lines()
+            .filter(|line| line.starts_with("kalive_events_lost_total"))
+            .collect();
+        panic!(
+            "outcomes seen: {ended:?}, expected 6 (closed, 3 dead, rebooted, reset); kernel: \
+             {kernel:?}; live: {connections}; losses: {losses:?}"
+        );
+    }
 
     let (status, exposition) = daemon.get("/metrics");
     assert_eq!(status, 200);

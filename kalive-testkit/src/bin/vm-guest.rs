@@ -21,8 +21,8 @@ use std::{
 };
 
 use kalive_daemon::{
-    collector::{Collector, CollectorError, CollectorOptions},
-    kernel::loader::{HookMode, LoadError},
+    collector::{Collector, CollectorError, CollectorOptions, DEFAULT_ANSWER_CHECKS_PER_SECOND},
+    kernel::loader::{HookMode, LoadError, LoadOptions},
 };
 use kalive_testkit::{
     netns::Netns,
@@ -207,9 +207,12 @@ fn result(mode: HookMode, scenario: Scenario, status: &str) {
 fn run_mode(runtime: &tokio::runtime::Runtime, mode: HookMode) {
     let cancel = CancellationToken::new();
     let options = CollectorOptions {
-        hook_mode: mode,
-        ebpf_log: Default::default(),
+        load: LoadOptions {
+            hook_mode: mode,
+            ..LoadOptions::default()
+        },
         history_limit: 10_000,
+        answer_checks_per_second: DEFAULT_ANSWER_CHECKS_PER_SECOND,
         log_probes: false,
         series: Default::default(),
     };

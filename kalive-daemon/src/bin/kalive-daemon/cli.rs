@@ -7,6 +7,7 @@ use clap::{
     builder::{PossibleValue, PossibleValuesParser, TypedValueParser as _},
     Parser, Subcommand,
 };
+use kalive_common::limits;
 use kalive_daemon::{
     export::{
         http::DEFAULT_LISTEN,
@@ -91,6 +92,12 @@ pub(crate) struct RunArgs {
     /// Labels to add to the per-connection counters beyond direction and port (comma-separated).
     #[arg(long, value_delimiter = ',', value_parser = label_parser())]
     pub(crate) labels: Vec<ExtraLabel>,
+
+    /// Keepalive connections the kernel tracks at once. Beyond it, new ones are reported without
+    /// being tracked (their probes and timeouts still count; the rest is counted as lost,
+    /// stage map_full) until tracked ones close.
+    #[arg(long, default_value_t = limits::DEFAULT_MAX_CONNECTIONS, value_parser = clap::value_parser!(u32).range(16..=16_777_216))]
+    pub(crate) max_connections: u32,
 
     /// Most label sets the per-connection counters may have; more are folded into port="other".
     #[arg(long, default_value_t = DEFAULT_MAX_SERIES as u32, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]

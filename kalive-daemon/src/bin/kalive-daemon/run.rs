@@ -4,8 +4,9 @@ use std::sync::Arc;
 
 use anyhow::Context as _;
 use kalive_daemon::{
-    collector::{Collector, CollectorOptions},
+    collector::{Collector, CollectorOptions, DEFAULT_ANSWER_CHECKS_PER_SECOND},
     export::{http, metrics::SeriesOptions, web_config::WebConfig},
+    kernel::loader::LoadOptions,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -26,9 +27,14 @@ pub(crate) async fn run(args: RunArgs) -> anyhow::Result<()> {
     labels.dedup();
     let collector = Collector::start(
         CollectorOptions {
-            hook_mode: args.hook_mode,
-            ebpf_log: args.ebpf_log,
+            load: LoadOptions {
+                hook_mode: args.hook_mode,
+                ebpf_log: args.ebpf_log,
+                max_connections: args.max_connections,
+                ..LoadOptions::default()
+            },
             history_limit: args.history as usize,
+            answer_checks_per_second: DEFAULT_ANSWER_CHECKS_PER_SECOND,
             log_probes: !args.quiet_probes,
             series: SeriesOptions {
                 extra_labels: labels,

@@ -31,9 +31,9 @@ use std::{
 
 use crossterm::event::Event as TerminalEvent;
 use kalive_daemon::{
-    collector::{Collector, CollectorError, CollectorOptions},
+    collector::{Collector, CollectorError, CollectorOptions, DEFAULT_ANSWER_CHECKS_PER_SECOND},
     export::metrics::SeriesOptions,
-    kernel::{ebpf_log::EbpfLogLevel, privileges::is_root},
+    kernel::{loader::LoadOptions, privileges::is_root},
 };
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -100,9 +100,12 @@ pub(crate) async fn run(args: TopArgs) -> Result<(), TopError> {
         }
         let started = Collector::start(
             CollectorOptions {
-                hook_mode: args.hook_mode,
-                ebpf_log: EbpfLogLevel::Off,
+                load: LoadOptions {
+                    hook_mode: args.hook_mode,
+                    ..LoadOptions::default()
+                },
                 history_limit: 10_000,
+                answer_checks_per_second: DEFAULT_ANSWER_CHECKS_PER_SECOND,
                 log_probes: false,
                 series: SeriesOptions::default(),
             },
