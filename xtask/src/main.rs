@@ -1,5 +1,6 @@
 //! `cargo xtask`: the project's entry point for setting up, running and testing kalive.
 
+mod bench;
 mod run;
 mod setup;
 mod test;
@@ -35,6 +36,19 @@ enum Task {
     Test,
     /// Boot Debian kernels in QEMU and run the core scenarios in every hook mode.
     VmTest,
+    /// Measure kalive's cost on this host (root): connection churn without and with the daemon,
+    /// each program's ns per run, the daemon's CPU and memory; writes docs/benchmarks.md.
+    Bench {
+        /// One round of 0.5 s per cell; print the table, write nothing.
+        #[arg(long, conflicts_with_all = ["rounds", "seconds"])]
+        smoke: bool,
+        /// Rounds without and with the daemon per cell (the medians are compared).
+        #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=100))]
+        rounds: u32,
+        /// Seconds of churn per round.
+        #[arg(long, default_value_t = 2.0, value_parser = parse_seconds)]
+        seconds: f64,
+    },
 }
 
 fn main() -> Result<()> {
@@ -46,6 +60,25 @@ fn main() -> Result<()> {
             setup::setup()?;
             vm::vm_test()
         }
+        Task::Bench {
+            smoke,
+            rounds,
+            seconds,
+        } => bench::bench(&bench::BenchOptions {
+            smoke,
+            rounds,
+            seconds,
+        }),
+    }
+}
+
+/// `--seconds` of `bench`: from 0.1 to 600.
+fn parse_seconds(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(seconds) if (0.1..=600.0).contains(&seconds) => Ok(seconds),
+        _ => Err(format!(
+            "{text:?} is not a number of seconds from 0.1 to 600"
+        )),
     }
 }
 

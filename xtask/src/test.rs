@@ -1,9 +1,9 @@
 //! `cargo xtask test`: the full check, in order: format, lints, unit tests, integration tests,
-//! and vm-test (every hook mode on Debian kernels in QEMU).
+//! a smoke run of the cost benchmark, and vm-test (every hook mode on Debian kernels in QEMU).
 
 use anyhow::{Context, Result};
 
-use crate::{cargo, is_root, run_checked, setup, target_dir, vm};
+use crate::{bench, cargo, is_root, run_checked, setup, target_dir, vm};
 
 /// Runs setup and then every step, stopping at the first failure. The environment is passed
 /// through unchanged (so `CI=true` reaches the tests).
@@ -69,17 +69,33 @@ pub(crate) fn test() -> Result<()> {
              (run as root to include them, e.g. `sudo -E env PATH=\"$PATH\" cargo xtask test`)"
         );
     }
-    // The integration tests load eBPF programs and share the kernel, so they run one at a time.
+    // The integration tests load eBPF programs and share the kernel, so they run one at a time
+    // (the daemon's, and the test kit's own checks of its test link).
     run_checked(&mut cargo([
         "test",
         "-p",
         "kalive-daemon",
+        "-p",
+        "kalive-testkit",
         "--test",
         "*",
         "--",
         "--test-threads=1",
     ]))
     .context("step `integration tests` failed: fix the failing tests above")?;
+
+    // A short run of `cargo xtask bench` (one 0.5 s round per cell, nothing written): the
+    // benchmark keeps working. Its figures come from the full run, by hand.
+    if is_root() {
+        bench::bench(&bench::BenchOptions {
+            smoke: true,
+            rounds: 1,
+            seconds: 0.5,
+        })
+        .context("step `bench --smoke` failed: read the error above")?;
+    } else {
+        println!("note: not root: skipping `cargo xtask bench --smoke` (it loads the daemon)");
+    }
 
     // Every hook mode on Debian kernels in QEMU (no root needed on this side).
     vm::vm_test().context("step `vm-test` failed: read the matrix and problems above")?;
