@@ -204,6 +204,7 @@ impl Collector {
         cancel: CancellationToken,
     ) -> Result<Self, CollectorError> {
         let loaded = load_and_attach(options.load)?;
+        release_freed_memory();
         let mut ebpf = loaded.ebpf;
         if options.load.ebpf_log != EbpfLogLevel::Off {
             ebpf_log::forward(&mut ebpf, cancel.clone()).map_err(CollectorError::EbpfLog)?;
@@ -600,5 +601,17 @@ mod tests {
             stopped.check(now).unwrap_err().to_string(),
             "the collector stopped: watching the ring buffer failed: EBADF"
         );
+    }
+}
+
+/// Hands the memory freed after loading back to the system. Parsing the kernel's BTF (two
+/// parsers: the layouts here, and aya's for the loader) takes tens of megabytes that are all
+/// freed once the programs are attached, but glibc keeps freed heap pages mapped: without this
+/// the daemon stays at about 90 MB resident for good.
+fn release_freed_memory() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only returns free pages of the allocator's heaps to the kernel.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }
