@@ -574,6 +574,18 @@ fn read_program_skips(programs: &ProgramHandles, shared: &Shared) {
     }
 }
 
+/// Hands the memory freed after loading back to the system. Parsing the kernel's BTF (two
+/// parsers: the layouts here, and aya's for the loader) takes tens of megabytes that are all
+/// freed once the programs are attached, but glibc keeps freed heap pages mapped: without this
+/// the daemon stays at about 90 MB resident for good.
+fn release_freed_memory() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only returns free pages of the allocator's heaps to the kernel.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -601,17 +613,5 @@ mod tests {
             stopped.check(now).unwrap_err().to_string(),
             "the collector stopped: watching the ring buffer failed: EBADF"
         );
-    }
-}
-
-/// Hands the memory freed after loading back to the system. Parsing the kernel's BTF (two
-/// parsers: the layouts here, and aya's for the loader) takes tens of megabytes that are all
-/// freed once the programs are attached, but glibc keeps freed heap pages mapped: without this
-/// the daemon stays at about 90 MB resident for good.
-fn release_freed_memory() {
-    #[cfg(target_env = "gnu")]
-    // SAFETY: malloc_trim only returns free pages of the allocator's heaps to the kernel.
-    unsafe {
-        libc::malloc_trim(0);
     }
 }

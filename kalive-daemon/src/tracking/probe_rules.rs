@@ -81,7 +81,14 @@ pub struct Awaiting {
 /// True when the socket's numbers show an answer to `awaiting`: an acceptable ACK resets
 /// icsk_probes_out and moves rcv_tstamp.
 pub fn answered(awaiting: &Awaiting, probes_out_now: u32, rcv_tstamp_now: u32) -> bool {
-    probes_out_now < awaiting.probes_out || rcv_tstamp_now != awaiting.rcv_tstamp
+    counter_reset(awaiting.probes_out, probes_out_now) || rcv_tstamp_now != awaiting.rcv_tstamp
+}
+
+/// True when icsk_probes_out went down from `before` to `now`: an answer reset it. The 8-bit
+/// counter also goes from 255 to 0 when the 256th probe leaves (a long TCP_USER_TIMEOUT): that
+/// is not an answer, and only the receive time (or the last ACK) can tell the two apart.
+pub fn counter_reset(before: u32, now: u32) -> bool {
+    now < before && !(before == 255 && now == 0)
 }
 
 /// How long a probe may go unanswered before it is overdue (and the connection is shown as
@@ -200,6 +207,14 @@ mod tests {
         assert!(!answered(&awaiting, 1, 1000));
         assert!(answered(&awaiting, 0, 1000));
         assert!(answered(&awaiting, 1, 1020));
+        // The 256th probe wraps the 8-bit counter to 0: not an answer, unless an ACK came.
+        let at_wrap = Awaiting {
+            probes_out: 255,
+            ..awaiting
+        };
+        assert!(!answered(&at_wrap, 0, 1000));
+        assert!(answered(&at_wrap, 0, 1004));
+        assert!(answered(&at_wrap, 3, 1000));
     }
 
     #[test]

@@ -19,7 +19,7 @@ use crate::{
         },
         history::{Change, History},
         peer_state::{decide, live_state, Ending, PeerState, Signal, TimeoutTimer},
-        probe_rules::{answer_grace, answered, run_probes, Awaiting},
+        probe_rules::{answer_grace, answered, counter_reset, run_probes, Awaiting},
         totals::{Count, Origin, Tally, Totals},
     },
     wire::Direction,
@@ -296,7 +296,7 @@ impl ConnectionTable {
             } => {
                 let acked_since_probe =
                     since_last_ack.is_some_and(|since| since + Duration::from_millis(10) < age);
-                if probes_out < awaiting.probes_out || acked_since_probe {
+                if counter_reset(awaiting.probes_out, probes_out) || acked_since_probe {
                     self.answer(&mut conn, now_ns, &mut Applied::default());
                     conn.probes_outstanding = probes_out;
                 } else {

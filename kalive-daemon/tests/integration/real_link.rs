@@ -908,3 +908,84 @@ fn connect_from(local: SocketAddr, remote: SocketAddr) -> TcpStream {
     );
     stream
 }
+
+/// A dead peer under a long TCP_USER_TIMEOUT (270 s, idle and interval 1 s): the kernel sends
+/// about 270 unanswered probes, so its 8-bit icsk_probes_out wraps from 255 to 0 on the way.
+/// kalive's probe count still equals TCPKeepAlive, the wrap is not taken for an answer (nothing
+/// is answered after the blackhole and the connection is never shown alive again), and the end
+/// is the user timeout: dead, ETIMEDOUT, one TCPAbortOnTimeout. Takes about 4.5 minutes.
+#[test]
+fn the_probe_counter_wraps_without_a_miscount() {
+    let test = "the_probe_counter_wraps_without_a_miscount";
+    let Some(kalive) = Kalive::start_for(test) else {
+        return;
+    };
+    let link = Link::new(LinkConfig::default());
+    let netns = link.client.inum;
+    let before = link.client.run(tcp_ext);
+    let listener = listen_on(&link, link.server_v4(), 7800);
+    let conn = pair(
+        &link,
+        &listener,
+        Keepalive {
+            idle_s: 1,
+            interval_s: 1,
+            count: 9,
+        },
+    );
+    set_int(
+        &conn.client,
+        libc::IPPROTO_TCP,
+        libc::TCP_USER_TIMEOUT,
+        270_000,
+    );
+    // One answered probe: kalive tracks it.
+    std::thread::sleep(Duration::from_millis(1_500));
+    let tracked = live_by_port(&kalive, netns, conn.port).expect("tracked");
+    link.blackhole(Direction::ServerToClient, true);
+    let answered_before = kalive.read(|c| {
+        c.table
+            .connections()
+            .find(|c| c.id == tracked.id)
+            .map_or(0, |c| c.probes_answered)
+    });
+    let blackholed_at = Instant::now();
+
+    let error = wait_for_error(
+        &conn.client,
+        Duration::from_secs(330),
+        "the user timeout after 270 s",
+    );
+    assert_eq!(error, libc::ETIMEDOUT);
+    let ended = wait_for_end(&kalive, netns, conn.port);
+    let sent = since(&link, &before, "TCPKeepAlive");
+    assert!(
+        sent > 256,
+        "the kernel sent {sent} probes in {:?}: the counter did not wrap",
+        blackholed_at.elapsed()
+    );
+    assert_eq!(ended.connection.probes_sent, sent, "probes vs TCPKeepAlive");
+    assert_eq!(
+        ended.connection.probes_answered, answered_before,
+        "no answer after the blackhole (the wrap is not an answer)"
+    );
+    assert_eq!(
+        (ended.outcome, ended.signal, ended.error),
+        (PeerState::Dead, Signal::UserTimeout, libc::ETIMEDOUT)
+    );
+    let back_to_alive: Vec<_> = changes_of(&kalive, tracked.id)
+        .into_iter()
+        .filter(|(from, to)| from.kind() == PeerStateKind::Probing && *to == PeerState::Alive)
+        .collect();
+    assert!(
+        back_to_alive.is_empty(),
+        "shown alive again while nothing answered: {back_to_alive:?}"
+    );
+    let totals = kalive.totals(netns);
+    assert_eq!(totals.probes_sent, sent);
+    assert_eq!(
+        totals.all_timeouts(),
+        since(&link, &before, "TCPAbortOnTimeout")
+    );
+    assert_eq!(totals.all_timeouts(), 1);
+}
