@@ -45,8 +45,11 @@ pub mod limits {
     /// more (it does not evict): a refused connection's probes and timeouts are still reported,
     /// without its other events, and counted as lost (stage `map_full`).
     pub const DEFAULT_MAX_CONNECTIONS: u32 = 65_536;
-    /// Ring buffer size in bytes (a power of two, a multiple of the page size).
+    /// Ring buffer size in bytes by default (`--events-buffer-kib`; a power of two, a multiple
+    /// of the page size).
     pub const EVENTS_BYTES: u32 = 1 << 22;
+    /// The smallest and largest ring buffer `--events-buffer-kib` accepts, in KiB.
+    pub const EVENTS_KIB_RANGE: core::ops::RangeInclusive<u32> = 64..=(1 << 20);
     /// Records are submitted without waking the reader (it drains on a short timer) until this
     /// much is waiting: then one wake-up.
     pub const DEFAULT_WAKEUP_BYTES: u64 = 1 << 18;

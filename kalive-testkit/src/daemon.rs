@@ -63,6 +63,19 @@ impl DaemonProcess {
         }
     }
 
+    /// Sends `signal` to the daemon (SIGSTOP and SIGCONT stall and resume its reader).
+    pub fn signal(&self, signal: i32) {
+        let pid = libc::pid_t::try_from(self._child.0.id()).expect("a pid");
+        // SAFETY: signalling our own child process.
+        let result = unsafe { libc::kill(pid, signal) };
+        assert_eq!(
+            result,
+            0,
+            "kill({pid}, {signal}): {}",
+            std::io::Error::last_os_error()
+        );
+    }
+
     /// GET `path` from the daemon's HTTP server: (status, body).
     pub fn get(&self, path: &str) -> (u16, String) {
         let url = format!("http://{}{path}", self.http);

@@ -221,8 +221,11 @@ pub struct LoadOptions {
     pub ebpf_log: EbpfLogLevel,
     /// Keepalive connections the kernel map tracks at once.
     pub max_connections: u32,
-    /// Bytes waiting in the ring buffer that make a record wake the reader.
+    /// Bytes waiting in the ring buffer that make a record wake the reader (at most a quarter
+    /// of the ring buffer is used).
     pub wakeup_bytes: u64,
+    /// The ring buffer's size in bytes (a power of two, at least the page size).
+    pub events_bytes: u32,
 }
 
 impl Default for LoadOptions {
@@ -232,6 +235,7 @@ impl Default for LoadOptions {
             ebpf_log: EbpfLogLevel::Off,
             max_connections: limits::DEFAULT_MAX_CONNECTIONS,
             wakeup_bytes: limits::DEFAULT_WAKEUP_BYTES,
+            events_bytes: limits::EVENTS_BYTES,
         }
     }
 }
@@ -258,6 +262,9 @@ pub fn load_and_attach(options: LoadOptions) -> Result<Loaded, LoadError> {
             Err(err) => (0, Some(err)),
         };
 
+    let wakeup_bytes = options
+        .wakeup_bytes
+        .min(u64::from(options.events_bytes) / 4);
     let btf = Btf::from_sys_fs().map_err(|err| {
         LoadError::Btf(BtfError::Parse(format!(
             "aya could not read the kernel BTF: {err}"
@@ -268,8 +275,9 @@ pub fn load_and_attach(options: LoadOptions) -> Result<Loaded, LoadError> {
         .override_global(names::GLOBAL_SOCK_LAYOUT, &sock_layout, true)
         .override_global(names::GLOBAL_KEEPALIVE_TIMER_FN, &timer_fn_address, true)
         .override_global(aya_log::LEVEL, &options.ebpf_log.global_value(), true)
-        .override_global(names::GLOBAL_WAKEUP_BYTES, &options.wakeup_bytes, true)
+        .override_global(names::GLOBAL_WAKEUP_BYTES, &wakeup_bytes, true)
         .map_max_entries(names::MAP_CONNECTIONS, options.max_connections)
+        .map_max_entries(names::MAP_EVENTS, options.events_bytes)
         .load(KERNEL_PROGRAMS)
         .map_err(|err| match &err {
             aya::EbpfError::MapError(aya::maps::MapError::CreateError { io_error, .. })

@@ -59,6 +59,18 @@ fn history_out_of_range_is_rejected() {
     assert!(String::from_utf8_lossy(&output.stderr).contains("--history"));
 }
 
+#[test]
+fn events_buffer_must_be_a_power_of_two_in_range() {
+    for bad in ["100", "32", "2097152", "lots"] {
+        let (code, text) = run_with(&["--events-buffer-kib", bad]);
+        assert_eq!(code, Some(2), "{bad}: {text}");
+        assert!(
+            text.contains("--events-buffer-kib") && text.contains("power of two from 64"),
+            "{bad}: {text}"
+        );
+    }
+}
+
 /// Runs `kalive-daemon run ARGS` and returns (exit code, stderr).
 fn run_with(args: &[&str]) -> (Option<i32>, String) {
     let output = daemon().arg("run").args(args).output().expect("run");

@@ -12,6 +12,7 @@ mod cli;
 mod daemon_binary;
 mod http_server;
 mod metrics_vs_kernel;
+mod overflow;
 mod privileged;
 mod real_link;
 mod table;

@@ -61,6 +61,19 @@ fn label_parser() -> impl clap::builder::TypedValueParser<Value = ExtraLabel> {
     .try_map(|name| name.parse::<ExtraLabel>())
 }
 
+/// `--events-buffer-kib`: a power of two in limits::EVENTS_KIB_RANGE.
+fn events_kib(text: &str) -> Result<u32, String> {
+    let range = limits::EVENTS_KIB_RANGE;
+    match text.parse::<u32>() {
+        Ok(kib) if range.contains(&kib) && kib.is_power_of_two() => Ok(kib),
+        _ => Err(format!(
+            "{text:?} is not a ring buffer size: give a power of two from {} to {} (KiB), e.g. 4096",
+            range.start(),
+            range.end()
+        )),
+    }
+}
+
 #[derive(Debug, clap::Args)]
 pub(crate) struct RunArgs {
     /// How to hook tcp_keepalive_timer: auto tries fentry, kprobe, then tracepoint.
@@ -98,6 +111,12 @@ pub(crate) struct RunArgs {
     /// stage map_full) until tracked ones close.
     #[arg(long, default_value_t = limits::DEFAULT_MAX_CONNECTIONS, value_parser = clap::value_parser!(u32).range(16..=16_777_216))]
     pub(crate) max_connections: u32,
+
+    /// Size of the ring buffer that carries kernel records to the daemon, in KiB (a power of two
+    /// from 64 to 1048576). Records that find it full are counted in kalive_events_lost_total
+    /// (stage ringbuf_full), their probes in kalive_keepalive_probes_unreported_total.
+    #[arg(long, value_name = "KIB", default_value_t = limits::EVENTS_BYTES / 1024, value_parser = events_kib)]
+    pub(crate) events_buffer_kib: u32,
 
     /// Most label sets the per-connection counters may have; more are folded into port="other".
     #[arg(long, default_value_t = DEFAULT_MAX_SERIES as u32, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]

@@ -31,6 +31,7 @@ pub(crate) async fn run(args: RunArgs) -> anyhow::Result<()> {
                 hook_mode: args.hook_mode,
                 ebpf_log: args.ebpf_log,
                 max_connections: args.max_connections,
+                events_bytes: args.events_buffer_kib * 1024,
                 ..LoadOptions::default()
             },
             history_limit: args.history as usize,

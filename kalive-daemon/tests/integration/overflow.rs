@@ -1,0 +1,153 @@
+//! Nothing lost without being counted: the real daemon with a small ring buffer (64 KiB) is
+//! stalled (SIGSTOP) while 400 keepalive connections send a probe a second each, so the kernel
+//! programs find the ring buffer full. Every lost record is counted
+//! (`kalive_events_lost_total{stage="ringbuf_full"}`), the probes in lost records are counted
+//! (`kalive_keepalive_probes_unreported_total`), the probes reported plus those equal TcpExt
+//! `TCPKeepAlive`, and the daemon recovers without a restart.
+
+use std::time::{Duration, Instant};
+
+use kalive_testkit::{
+    daemon::DaemonProcess,
+    netns::Netns,
+    privilege::privileged,
+    proc_net::{counter_delta, tcp_ext},
+    sockets::{connected_pair, enable_keepalive, listen, Keepalive},
+};
+
+use crate::DAEMON;
+
+const CONNECTIONS: usize = 400;
+
+/// The sum of the samples of metric `name` whose labels contain every `label="value"` of `with`.
+fn metric_sum(exposition: &str, name: &str, with: &[&str]) -> u64 {
+    exposition
+        .lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter(|line| {
+            line.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with(['{', ' ']))
+        })
+        .filter(|line| with.iter().all(|label| line.contains(label)))
+        .map(|line| {
+            let value = line.rsplit(' ').next().unwrap_or_default();
+            value
+                .parse::<f64>()
+                .unwrap_or_else(|_| panic!("not a number: {line}")) as u64
+        })
+        .sum()
+}
+
+#[test]
+fn a_stalled_reader_loses_nothing_uncounted() {
+    let test = "a_stalled_reader_loses_nothing_uncounted";
+    if !privileged(test) {
+        return;
+    }
+    let daemon = DaemonProcess::start(
+        DAEMON,
+        &[
+            "--labels",
+            "netns",
+            "--quiet-probes",
+            "--events-buffer-kib",
+            "64",
+        ],
+    );
+    let netns = Netns::new();
+    let netns_label = format!("netns=\"{}\"", netns.inum);
+    let (before, pairs) = netns.run(|| {
+        let before = tcp_ext();
+        let listener = listen("127.0.0.1:0");
+        let pairs: Vec<_> = (0..CONNECTIONS)
+            .map(|_| {
+                let (client, server) = connected_pair(&listener);
+                enable_keepalive(
+                    &client,
+                    Some(Keepalive {
+                        idle_s: 1,
+                        interval_s: 1,
+                        count: 9,
+                    }),
+                );
+                (client, server)
+            })
+            .collect();
+        (before, pairs)
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    // About 400 records a second of 176 bytes: 4 s fill 64 KiB several times over.
+    daemon.signal(libc::SIGSTOP);
+    std::thread::sleep(Duration::from_secs(4));
+    daemon.signal(libc::SIGCONT);
+    std::thread::sleep(Duration::from_secs(2));
+    drop(pairs);
+    // Each close is reported; the loss counters are read once a second.
+    std::thread::sleep(Duration::from_millis(2_500));
+    let sent = netns.run(|| counter_delta(&before, &tcp_ext(), "TCPKeepAlive"));
+
+    let (status, exposition) = daemon.get("/metrics");
+    assert_eq!(status, 200);
+    let lost = metric_sum(
+        &exposition,
+        "kalive_events_lost_total",
+        &["stage=\"ringbuf_full\""],
+    );
+    assert!(
+        lost > 0,
+        "the stall filled the ring buffer: no loss counted"
+    );
+    let reported = metric_sum(
+        &exposition,
+        "kalive_keepalive_probes_sent_total",
+        &[netns_label.as_str()],
+    );
+    let unreported = metric_sum(&exposition, "kalive_keepalive_probes_unreported_total", &[]);
+    assert!(unreported > 0, "records with probes were lost: {lost}");
+    assert_eq!(
+        reported + unreported,
+        sent,
+        "probes reported ({reported}) + in lost records ({unreported}) vs TCPKeepAlive"
+    );
+
+    // Recovered: healthy, and a new connection's probes are seen.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let (status, body) = daemon.get("/healthz");
+        if status == 200 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not healthy after the stall: {body}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let probes_after = |daemon: &DaemonProcess| {
+        let (_, exposition) = daemon.get("/metrics");
+        metric_sum(
+            &exposition,
+            "kalive_keepalive_probes_sent_total",
+            &[netns_label.as_str()],
+        )
+    };
+    let (client, server) = netns.run(|| {
+        let listener = listen("127.0.0.1:0");
+        let pair = connected_pair(&listener);
+        enable_keepalive(
+            &pair.0,
+            Some(Keepalive {
+                idle_s: 1,
+                interval_s: 1,
+                count: 9,
+            }),
+        );
+        pair
+    });
+    std::thread::sleep(Duration::from_millis(2_600));
+    assert!(
+        probes_after(&daemon) >= reported + 2,
+        "no probe seen after the stall"
+    );
+    drop((client, server));
+}
