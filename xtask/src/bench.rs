@@ -9,16 +9,28 @@
 //! exit), so bpftool's run_time_ns / run_cnt give each program's cost; /proc gives the daemon's
 //! CPU time and its memory right after start. The result is a markdown section printed and, unless
 //! `--smoke`, written to docs/benchmarks.md between marker comments (a rerun replaces it).
+//!
+//! A second workload measures what the kernel programs' log (`--ebpf-log`, aya-log) costs: churn
+//! with `--hold 200` (200 held loopback keepalive connections probing once a second, answered,
+//! besides the RST churn), under a daemon started with `--ebpf-log off` and with `debug`, in
+//! alternating rounds. Per program: ns per run and runs per second from bpf_stats, and the sizes
+//! bpftool reports (`bytes_xlated`, `bytes_jited`) with the instructions left in kalive's log
+//! functions (`bpftool prog dump xlated`). The daemon's output goes to a file
+//! (target/xtask-bench/kalive-daemon.log), never to the terminal.
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, BTreeSet, VecDeque},
     fmt::Write as _,
     fs,
     io::{BufRead as _, BufReader, Read as _, Write as _},
     net::{SocketAddr, TcpStream},
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::{Child, Command, Stdio},
-    sync::mpsc::{self, Receiver, RecvTimeoutError},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        mpsc::{self, RecvTimeoutError},
+        Arc, Mutex,
+    },
     time::{Duration, Instant},
 };
 
@@ -63,6 +75,22 @@ const TIMER_TARGET_NS: f64 = 50.0;
 const RATIO_TARGET: f64 = 0.97;
 const CPU_TARGET_PERCENT: f64 = 2.0;
 const RSS_TARGET_BYTES: f64 = 30e6;
+
+/// The `--ebpf-log` levels compared: the default, and the one that logs each keepalive run.
+const EBPF_LOG_LEVELS: [&str; 2] = ["off", "debug"];
+/// Held keepalive connections of the log rounds (churn `--hold`): about this many timer runs
+/// and probes a second.
+const HOLD_CONNECTIONS: u32 = 200;
+/// kalive's log functions (`kalive-ebpf/src/log.rs`, not inlined): what of them the verifier
+/// leaves under `off` is counted in the translated programs.
+const LOG_FUNCTIONS: [&str; 2] = ["lost_events", "run_decision"];
+/// The log target of the kernel programs' records in the daemon's log
+/// (`kalive_daemon::kernel::ebpf_log::TARGET`).
+const EBPF_LOG_TARGET: &str = "kalive_ebpf";
+/// Where the daemon's output goes (under the target directory), rewritten by each bench.
+const DAEMON_LOG: &str = "xtask-bench/kalive-daemon.log";
+/// The daemon's last lines kept for error messages.
+const LOG_TAIL: usize = 40;
 
 /// `cargo xtask bench`'s options.
 pub(crate) struct BenchOptions {
@@ -143,9 +171,21 @@ pub(crate) fn bench(options: &BenchOptions) -> Result<()> {
         "building the churn workload (kalive-testkit) failed: fix the errors above and rerun \
          `cargo xtask bench`",
     )?;
+    let daemon_log = target_dir().join(DAEMON_LOG);
+    if let Some(dir) = daemon_log.parent() {
+        fs::create_dir_all(dir)
+            .with_context(|| format!("cannot create {}: check its permissions", dir.display()))?;
+    }
+    fs::write(&daemon_log, "").with_context(|| {
+        format!(
+            "cannot write {}: check its permissions",
+            daemon_log.display()
+        )
+    })?;
     let binaries = Binaries {
         daemon: target_dir().join("release/kalive-daemon"),
         churn: target_dir().join("release/churn"),
+        daemon_log,
     };
     programs().context("cargo xtask bench reads the programs' counters with bpftool")?;
     let clock_ticks: f64 = probe("getconf", &["CLK_TCK"])
@@ -159,7 +199,7 @@ pub(crate) fn bench(options: &BenchOptions) -> Result<()> {
     // A first start proves the daemon attaches in the expected mode, and names its programs
     // (to notice another process's kalive programs during the rounds without the daemon).
     println!("bench: first start of kalive-daemon (checks that it attaches)");
-    let first = Daemon::start(&binaries.daemon)?;
+    let first = Daemon::start(&binaries, "off")?;
     let kalive_names: BTreeSet<String> = programs()?
         .into_iter()
         .filter(|program| first.program_ids.contains(&program.id))
@@ -216,6 +256,26 @@ pub(crate) fn bench(options: &BenchOptions) -> Result<()> {
         }
         results.push(result);
     }
+
+    // The kernel log: the same keepalive workload under `--ebpf-log off` and `debug`,
+    // alternating (ABBA) so drift on the machine favours neither.
+    println!(
+        "bench: --ebpf-log off vs debug ({rounds} round(s) of {seconds} s each, {HOLD_CONNECTIONS} \
+         held keepalive connections and RST churn; the daemon's output goes to {})",
+        binaries.daemon_log.display()
+    );
+    let mut log_results: Vec<LogResult> = EBPF_LOG_LEVELS.map(LogResult::new).into();
+    for round in 0..rounds {
+        let order = if round % 2 == 0 { [0, 1] } else { [1, 0] };
+        for at in order {
+            let (start, others) = log_round(&binaries, &stats, seconds, &mut log_results[at])?;
+            // The memory figures are of the default (off), like every other start.
+            if log_results[at].level == "off" {
+                starts.push(start);
+            }
+            foreign.log_rounds += u32::from(others);
+        }
+    }
     stats.restore()?;
 
     let section = render(&Rendered {
@@ -225,6 +285,7 @@ pub(crate) fn bench(options: &BenchOptions) -> Result<()> {
         seconds,
         clock_ticks,
         results: &results,
+        log_results: &log_results,
         starts: &starts,
         clocksource: &clocksource,
         foreign,
@@ -242,6 +303,8 @@ pub(crate) fn bench(options: &BenchOptions) -> Result<()> {
 struct Binaries {
     daemon: PathBuf,
     churn: PathBuf,
+    /// The file the daemons' output is appended to.
+    daemon_log: PathBuf,
 }
 
 /// What the host is.
@@ -319,7 +382,7 @@ fn with_round(
     seconds: f64,
     result: &mut CellResult,
 ) -> Result<(Start, bool)> {
-    let daemon = Daemon::start(&binaries.daemon)?;
+    let daemon = Daemon::start(binaries, "off")?;
     let others = !foreign_kalive_programs(kalive_names, &daemon.program_ids)?.is_empty();
     stats.enable()?;
     let before = daemon.snapshot()?;
@@ -347,6 +410,303 @@ fn with_round(
         start.rss_kb
     );
     Ok((start, others))
+}
+
+/// The measurements of one `--ebpf-log` level.
+struct LogResult {
+    level: &'static str,
+    /// Per program name, per round: run_time_ns and run_cnt added in the round's window.
+    rounds: BTreeMap<String, Vec<(u64, u64)>>,
+    /// Seconds between the counter snapshots of each round.
+    windows: Vec<f64>,
+    /// Per program name: (bytes_xlated, bytes_jited) at each start (normally one value).
+    sizes: BTreeMap<String, BTreeSet<(u64, u64)>>,
+    /// Per program name: instructions of the translated program in LOG_FUNCTIONS (first start).
+    log_instructions: BTreeMap<String, u64>,
+    /// The daemon's utime + stime over the windows, in clock ticks.
+    cpu_ticks: u64,
+    /// Kernel log records in the daemon's output during the windows.
+    kernel_records: u64,
+    /// TcpExt TCPKeepAlive of the workload's namespace during the windows.
+    keepalive_probes: u64,
+    connections_per_second: Vec<f64>,
+}
+
+impl LogResult {
+    fn new(level: &'static str) -> LogResult {
+        LogResult {
+            level,
+            rounds: BTreeMap::new(),
+            windows: Vec::new(),
+            sizes: BTreeMap::new(),
+            log_instructions: BTreeMap::new(),
+            cpu_ticks: 0,
+            kernel_records: 0,
+            keepalive_probes: 0,
+            connections_per_second: Vec::new(),
+        }
+    }
+
+    fn window_s(&self) -> f64 {
+        self.windows.iter().sum()
+    }
+
+    /// Mean ns per run over all rounds, runs per second, and the range of the rounds' means.
+    fn program(&self, name: &str) -> Option<ProgramCost> {
+        let rounds = self.rounds.get(name)?;
+        let (time_ns, count) = rounds
+            .iter()
+            .fold((0, 0), |(time, count), &(t, c)| (time + t, count + c));
+        if count == 0 {
+            return None;
+        }
+        let means: Vec<f64> = rounds
+            .iter()
+            .filter(|&&(_, count)| count > 0)
+            .map(|&(time, count)| time as f64 / count as f64)
+            .collect();
+        Some(ProgramCost {
+            ns: time_ns as f64 / count as f64,
+            per_second: count as f64 / self.window_s(),
+            lowest: means.iter().copied().fold(f64::INFINITY, f64::min),
+            highest: means.iter().copied().fold(f64::NEG_INFINITY, f64::max),
+        })
+    }
+
+    /// "N" or "N–M" bytes (xlated, jited) of `name`.
+    fn size(&self, name: &str) -> Option<(String, String)> {
+        let sizes = self.sizes.get(name)?;
+        let range = |values: BTreeSet<u64>| match (values.first(), values.last()) {
+            (Some(low), Some(high)) if low == high => format!("{low}"),
+            (Some(low), Some(high)) => format!("{low}–{high}"),
+            _ => "?".to_owned(),
+        };
+        Some((
+            range(sizes.iter().map(|&(xlated, _)| xlated).collect()),
+            range(sizes.iter().map(|&(_, jited)| jited).collect()),
+        ))
+    }
+
+    /// The smallest translated size of `name`, to compare levels.
+    fn xlated(&self, name: &str) -> Option<u64> {
+        self.sizes
+            .get(name)?
+            .iter()
+            .map(|&(xlated, _)| xlated)
+            .min()
+    }
+}
+
+/// One program's cost under one level.
+#[derive(Clone, Copy)]
+struct ProgramCost {
+    ns: f64,
+    per_second: f64,
+    /// The lowest and highest of the rounds' mean ns per run.
+    lowest: f64,
+    highest: f64,
+}
+
+/// One `--ebpf-log` round: start the daemon with the level, note its programs' sizes, counters
+/// on, the keepalive workload, counters read, stop. Returns the start's figures and whether
+/// another process had kalive programs loaded too.
+fn log_round(
+    binaries: &Binaries,
+    stats: &BpfStats,
+    seconds: f64,
+    result: &mut LogResult,
+) -> Result<(Start, bool)> {
+    let daemon = Daemon::start(binaries, result.level)?;
+    let own = programs()?
+        .into_iter()
+        .filter(|program| daemon.program_ids.contains(&program.id));
+    let mut kalive_names = BTreeSet::new();
+    // The translated code is the same at every start of a level: dump it at the first.
+    let first = result.sizes.is_empty();
+    for program in own {
+        if first {
+            let instructions = log_instructions(program.id)?;
+            result
+                .log_instructions
+                .insert(program.name.clone(), instructions);
+        }
+        result
+            .sizes
+            .entry(program.name.clone())
+            .or_default()
+            .insert((program.bytes_xlated, program.bytes_jited));
+        kalive_names.insert(program.name);
+    }
+    let others = !foreign_kalive_programs(&kalive_names, &daemon.program_ids)?.is_empty();
+    stats.enable()?;
+    let run = hold_run(&binaries.churn, seconds, &daemon);
+    stats.restore()?;
+    let start = daemon.start;
+    daemon.stop()?;
+    let (run, before, after) = run?;
+
+    result.connections_per_second.push(run.per_second);
+    result
+        .windows
+        .push(after.at.duration_since(before.at).as_secs_f64());
+    result.cpu_ticks += after.cpu_ticks.saturating_sub(before.cpu_ticks);
+    result.kernel_records += after.kernel_records.saturating_sub(before.kernel_records);
+    result.keepalive_probes += run.keepalive_probes;
+    let names: BTreeSet<&String> = before
+        .programs
+        .keys()
+        .chain(after.programs.keys())
+        .collect();
+    for name in names {
+        let (time_before, count_before) = before.programs.get(name).copied().unwrap_or((0, 0));
+        let (time_after, count_after) = after.programs.get(name).copied().unwrap_or((0, 0));
+        result.rounds.entry(name.clone()).or_default().push((
+            time_after.saturating_sub(time_before),
+            count_after.saturating_sub(count_before),
+        ));
+    }
+    println!(
+        "  --ebpf-log {}: {:.0} keepalive probes/s, {:.0} conn/s, {} kernel log record(s)",
+        result.level,
+        run.keepalive_probes as f64 / run.seconds,
+        run.per_second,
+        after.kernel_records.saturating_sub(before.kernel_records)
+    );
+    Ok((start, others))
+}
+
+/// A `churn --hold` run's answer.
+struct HoldRun {
+    per_second: f64,
+    seconds: f64,
+    keepalive_probes: u64,
+}
+
+/// Runs `churn --hold HOLD_CONNECTIONS` and takes the daemon's snapshots around its measured
+/// window: at its `ready` line and at its result line, before it closes the held connections
+/// (it waits for its stdin to close).
+fn hold_run(churn: &Path, seconds: f64, daemon: &Daemon) -> Result<(HoldRun, Snapshot, Snapshot)> {
+    let mut cmd = Command::new(churn);
+    cmd.args(["--seconds", &seconds.to_string()])
+        .args(["--close", "rst", "--keepalive", "off"])
+        .args(["--hold", &HOLD_CONNECTIONS.to_string()])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let shown = show(&cmd);
+    let mut child = cmd.spawn().with_context(|| {
+        format!("could not start `{shown}`: the build above should have made it")
+    })?;
+    let stdout = child.stdout.take().context("churn's stdout is piped")?;
+    let mut lines = BufReader::new(stdout).lines();
+    let mut next_line = |what: &str| -> Result<String> {
+        match lines.next() {
+            Some(Ok(line)) => Ok(line),
+            Some(Err(err)) => Err(err).with_context(|| format!("reading `{shown}`'s {what}")),
+            None => Ok(String::new()),
+        }
+    };
+    let ready = next_line("ready line")?;
+    let before = if ready.contains("\"ready\":true") {
+        Some(daemon.snapshot()?)
+    } else {
+        None
+    };
+    let line = if before.is_some() {
+        next_line("result line")?
+    } else {
+        String::new()
+    };
+    let after = if json_number(&line, "per_second").is_some() {
+        Some(daemon.snapshot()?)
+    } else {
+        None
+    };
+    // Closing its stdin lets it close the held connections and exit.
+    drop(child.stdin.take());
+    let output = child
+        .wait_with_output()
+        .with_context(|| format!("waiting for `{shown}`"))?;
+    let (Some(before), Some(after)) = (before, after) else {
+        bail!(
+            "`{shown}` ended ({}) without its ready and result lines (got {ready:?}, {line:?}): \
+             {}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+    };
+    ensure!(
+        output.status.success(),
+        "`{shown}` failed ({}): {}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr).trim()
+    );
+    let number = |key: &str| {
+        json_number(&line, key).with_context(|| format!("`{shown}` printed no {key}: {line:?}"))
+    };
+    let (held, alive, probes) = (
+        number("held")?,
+        number("held_alive")?,
+        number("keepalive_probes")?,
+    );
+    ensure!(
+        held == f64::from(HOLD_CONNECTIONS) && alive == held,
+        "`{shown}`: {alive} of {held} held keepalive connections were alive at the end, not all \
+         {HOLD_CONNECTIONS}; the workload needs every peer to answer: is loopback dropping \
+         packets (firewall rules in new namespaces)? {line:?}"
+    );
+    ensure!(
+        probes > 0.0,
+        "`{shown}` sent no keepalive probe (TcpExt TCPKeepAlive unchanged), so the timer \
+         programs never saw a keepalive run: check TCP_KEEPIDLE handling in churn.rs; {line:?}"
+    );
+    Ok((
+        HoldRun {
+            per_second: number("per_second")?,
+            seconds: number("seconds")?,
+            keepalive_probes: probes as u64,
+        },
+        before,
+        after,
+    ))
+}
+
+/// The instructions of program `id`, as the verifier left it, that belong to kalive's log
+/// functions (`bpftool prog dump xlated`: a function starts at a line such as
+/// `void lost_events():`).
+fn log_instructions(id: u64) -> Result<u64> {
+    let text =
+        run_quiet(Command::new("bpftool").args(["prog", "dump", "xlated", "id", &id.to_string()]))
+            .with_context(|| {
+                format!(
+            "bpftool could not dump program {id}: install it (`cargo xtask setup`), run as root"
+        )
+            })?;
+    Ok(count_log_instructions(&text))
+}
+
+fn count_log_instructions(dump: &str) -> u64 {
+    let mut in_log = false;
+    let mut count = 0;
+    for line in dump.lines() {
+        let trimmed = line.trim_start();
+        if !line.starts_with([' ', ';']) && line.trim_end().ends_with(':') {
+            // A function's header: "RET NAME(ARGS):".
+            let name = line
+                .split('(')
+                .next()
+                .and_then(|head| head.split_whitespace().last())
+                .unwrap_or("");
+            in_log = LOG_FUNCTIONS.contains(&name);
+        } else if in_log
+            && trimmed
+                .split_once(": (")
+                .is_some_and(|(at, _)| !at.is_empty() && at.bytes().all(|b| b.is_ascii_digit()))
+        {
+            count += 1;
+        }
+    }
+    count
 }
 
 /// A churn run's answer.
@@ -404,7 +764,46 @@ struct Daemon {
     hook_mode: String,
     program_ids: BTreeSet<u64>,
     start: Start,
-    lines: Receiver<String>,
+    log: DaemonLog,
+}
+
+/// What bench keeps of the daemon's output after start: every line goes to the log file; the
+/// last ones are kept for error messages, and the kernel programs' records are counted.
+#[derive(Clone, Default)]
+struct DaemonLog {
+    tail: Arc<Mutex<VecDeque<String>>>,
+    kernel_records: Arc<AtomicU64>,
+}
+
+impl DaemonLog {
+    fn keep(&self, line: String) {
+        // env_logger's "[time LEVEL target] message": the kernel's records carry its target.
+        if line
+            .split(']')
+            .next()
+            .is_some_and(|head| head.contains(EBPF_LOG_TARGET))
+        {
+            self.kernel_records.fetch_add(1, Ordering::Relaxed);
+        }
+        if let Ok(mut tail) = self.tail.lock() {
+            if tail.len() == LOG_TAIL {
+                tail.pop_front();
+            }
+            tail.push_back(line);
+        }
+    }
+
+    fn kernel_records(&self) -> u64 {
+        self.kernel_records.load(Ordering::Relaxed)
+    }
+
+    /// The last lines, for an error message.
+    fn tail(&self) -> String {
+        self.tail
+            .lock()
+            .map(|tail| tail.iter().cloned().collect::<Vec<_>>().join("\n"))
+            .unwrap_or_default()
+    }
 }
 
 /// The daemon's counters at one moment.
@@ -413,20 +812,30 @@ struct Snapshot {
     cpu_ticks: u64,
     /// Per program name: run_time_ns, run_cnt.
     programs: BTreeMap<String, (u64, u64)>,
+    /// The kernel programs' log records the daemon has written so far.
+    kernel_records: u64,
 }
 
 impl Daemon {
-    /// Spawns the daemon and waits until it is attached and answers /healthz; then reads its
-    /// memory at rest.
-    fn start(binary: &PathBuf) -> Result<Daemon> {
-        let mut cmd = Command::new(binary);
+    /// Spawns the daemon with `--ebpf-log ebpf_log` and waits until it is attached and answers
+    /// /healthz; then reads its memory at rest. Its output is appended to `binaries.daemon_log`.
+    fn start(binaries: &Binaries, ebpf_log: &str) -> Result<Daemon> {
+        let mut cmd = Command::new(&binaries.daemon);
         cmd.args(["run", "--hook-mode", HOOK_MODE, "--listen", "127.0.0.1:0"])
-            .arg("--quiet-probes")
+            .args(["--quiet-probes", "--ebpf-log", ebpf_log])
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
         let shown = show(&cmd);
+        let path = &binaries.daemon_log;
+        let mut file = fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .open(path)
+            .with_context(|| format!("cannot open {}: check its permissions", path.display()))?;
+        writeln!(file, "== {shown}")
+            .with_context(|| format!("cannot write {}: is the disk full?", path.display()))?;
         let spawned = Instant::now();
         let mut child = cmd.spawn().with_context(|| {
             format!("could not start `{shown}`: the build above should have made it")
@@ -437,14 +846,27 @@ impl Daemon {
             .take()
             .context("the daemon's stderr is piped")?;
         let (sender, lines) = mpsc::channel();
+        // Every line goes to the file; until the daemon serves, the lines also come here. The
+        // thread ends with the daemon's stderr.
+        let log = DaemonLog::default();
+        let kept = log.clone();
         std::thread::spawn(move || {
+            let mut starting = Some(sender);
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if sender.send((Instant::now(), line)).is_err() {
-                    break;
-                }
+                // A failed write loses a line of the file, not the measurement.
+                let _ = writeln!(file, "{line}");
+                let line = match &starting {
+                    Some(sender) => match sender.send((Instant::now(), line)) {
+                        Ok(()) => continue,
+                        Err(mpsc::SendError((_, line))) => line,
+                    },
+                    None => line,
+                };
+                starting = None;
+                kept.keep(line);
             }
         });
-        let mut log = Vec::new();
+        let mut start_log = Vec::new();
         let mut running = None;
         let http = loop {
             let (at, line) = match lines.recv_timeout(START_TIMEOUT) {
@@ -454,14 +876,14 @@ impl Daemon {
                     let _ = child.wait();
                     bail!(
                         "`{shown}` did not serve within {START_TIMEOUT:?}; its log:\n{}",
-                        log.join("\n")
+                        start_log.join("\n")
                     );
                 }
                 Err(RecvTimeoutError::Disconnected) => {
                     let status = child.wait()?;
                     bail!(
                         "`{shown}` exited ({status}) before serving: fix what its log says:\n{}",
-                        log.join("\n")
+                        start_log.join("\n")
                     );
                 }
             };
@@ -475,7 +897,7 @@ impl Daemon {
                 .nth(1)
                 .and_then(|rest| rest.split('/').next())
                 .map(str::to_owned);
-            log.push(line);
+            start_log.push(line);
             if let Some(address) = address {
                 break address.parse::<SocketAddr>().with_context(|| {
                     format!("the daemon logged an HTTP address bench cannot read: {address:?}")
@@ -486,19 +908,16 @@ impl Daemon {
             format!(
                 "the daemon served before logging `running, hook mode`: update bench.rs to its \
                  log; its log:\n{}",
-                log.join("\n")
+                start_log.join("\n")
             )
         })?;
         let startup = attached_at.duration_since(spawned);
-        // Forward later lines so the pipe never fills; they are shown if the daemon fails.
-        let (forward, later) = mpsc::channel();
-        std::thread::spawn(move || {
-            for (_, line) in lines {
-                if forward.send(line).is_err() {
-                    break;
-                }
-            }
-        });
+        // Later lines go to `log` (the reader sees the channel closed): it keeps the pipe empty
+        // and the last lines for an error message.
+        for (_, line) in lines.try_iter() {
+            log.keep(line);
+        }
+        drop(lines);
         let mut daemon = Daemon {
             child,
             pid,
@@ -509,7 +928,7 @@ impl Daemon {
                 rss_kb: 0,
                 anon_kb: 0,
             },
-            lines: later,
+            log,
         };
         wait_healthy(http)?;
         let (rss_kb, anon_kb) = memory(pid)?;
@@ -535,6 +954,7 @@ impl Daemon {
             at: Instant::now(),
             cpu_ticks,
             programs,
+            kernel_records: self.log.kernel_records(),
         })
     }
 
@@ -551,16 +971,16 @@ impl Daemon {
             if Instant::now() >= deadline {
                 bail!(
                     "kalive-daemon (pid {pid}) did not stop within {STOP_TIMEOUT:?} of SIGTERM: \
-                     check its shutdown path; its log:\n{}",
-                    self.lines.try_iter().collect::<Vec<_>>().join("\n")
+                     check its shutdown path; its last lines:\n{}",
+                    self.log.tail()
                 );
             }
             std::thread::sleep(Duration::from_millis(20));
         };
         ensure!(
             status.success(),
-            "kalive-daemon exited with {status} on SIGTERM: read its log:\n{}",
-            self.lines.try_iter().collect::<Vec<_>>().join("\n")
+            "kalive-daemon exited with {status} on SIGTERM: read its last lines:\n{}",
+            self.log.tail()
         );
         // The kernel drops a program's id when its last reference goes; allow it a moment.
         let deadline = Instant::now() + Duration::from_secs(5);
@@ -702,6 +1122,9 @@ struct Program {
     name: String,
     run_time_ns: u64,
     run_cnt: u64,
+    /// The size of the program as the verifier left it, and of its JIT image, in bytes.
+    bytes_xlated: u64,
+    bytes_jited: u64,
 }
 
 /// Every BPF program loaded, from `bpftool --json prog show`.
@@ -718,6 +1141,8 @@ fn programs() -> Result<Vec<Program>> {
                 // bpftool leaves the counters out while they are 0.
                 run_time_ns: json_number(object, "run_time_ns").unwrap_or(0.0) as u64,
                 run_cnt: json_number(object, "run_cnt").unwrap_or(0.0) as u64,
+                bytes_xlated: json_number(object, "bytes_xlated").unwrap_or(0.0) as u64,
+                bytes_jited: json_number(object, "bytes_jited").unwrap_or(0.0) as u64,
             })
         })
         .collect())
@@ -728,6 +1153,8 @@ fn programs() -> Result<Vec<Program>> {
 struct Foreign {
     without_rounds: u32,
     with_rounds: u32,
+    /// Of the `--ebpf-log` rounds.
+    log_rounds: u32,
 }
 
 /// Programs with kalive's names that are not in `own`: another process's (a test, a daemon
@@ -933,6 +1360,7 @@ struct Rendered<'a> {
     seconds: f64,
     clock_ticks: f64,
     results: &'a [CellResult],
+    log_results: &'a [LogResult],
     starts: &'a [Start],
     clocksource: &'a str,
     foreign: Foreign,
@@ -949,8 +1377,9 @@ fn render(r: &Rendered<'_>) -> String {
          short loopback connections (`kalive-testkit/src/bin/churn.rs`: 2 client threads \
          connect, 2 acceptor threads accept and close at once, each client waits for the close; \
          a network namespace of its own) without and with the release `kalive-daemon run \
-         --hook-mode {HOOK_MODE} --quiet-probes`, in alternating order. The daemon is started \
-         for each round with it and stopped (SIGTERM) after it; bpftool confirms its programs \
+         --hook-mode {HOOK_MODE} --quiet-probes --ebpf-log off`, in alternating order. The \
+         daemon is started for each round with it and stopped (SIGTERM) after it; bpftool \
+         confirms its programs \
          are gone before a round without it. kalive tracks none of these connections (with \
          keepalive on, TCP_KEEPIDLE is 600 s and the timer never runs), so every figure is the \
          cost of untracked sockets and of the host's other timers. Per-program figures are \
@@ -1166,8 +1595,210 @@ fn render(r: &Rendered<'_>) -> String {
          | | |",
         median(&startup)
     );
+    render_log_cost(&mut out, r);
     let _ = writeln!(out, "\n{END_MARKER}");
     out
+}
+
+/// The `--ebpf-log` table: off against debug, per program.
+fn render_log_cost(out: &mut String, r: &Rendered<'_>) {
+    let [off, debug] = r.log_results else {
+        return;
+    };
+    let _ = writeln!(out, "\n### Kernel log (`--ebpf-log`) cost\n");
+    let _ = writeln!(
+        out,
+        "The daemon as above with `--ebpf-log off` (the default) and with `--ebpf-log debug` \
+         (each keepalive run's decision logged), {} alternating round(s) of {} s each, \
+         bpf_stats on during each; the workload is `churn --hold {HOLD_CONNECTIONS} --close rst \
+         --keepalive off`: {HOLD_CONNECTIONS} held loopback keepalive connections (TCP_KEEPIDLE 1, \
+         TCP_KEEPINTVL 1, TCP_KEEPCNT 9 on the client, every probe answered) in a namespace of \
+         their own, so the keepalive timer runs about {HOLD_CONNECTIONS} times a second, plus the \
+         RST churn above for the reset and close programs. With `off`, aya-log's level is a \
+         constant the verifier sees, and it removes the log calls at load as dead code: the \
+         translated programs are smaller (`bytes_xlated` and `bytes_jited` of `bpftool prog \
+         show`), and of kalive's log functions ({}) only a stub is left (its instructions in \
+         `bpftool prog dump xlated` are counted: a call, the level's load, a return). Mean ns per \
+         run are over all rounds, with the lowest and highest round's mean in parentheses: a \
+         difference inside them is noise. This compares `off` with `debug`, not with a build \
+         without aya-log.\n",
+        off.windows.len(),
+        r.seconds,
+        LOG_FUNCTIONS.join(", ")
+    );
+    let _ = writeln!(
+        out,
+        "| program | off: ns per run, runs/s | debug: ns per run, runs/s | debug − off | \
+         translated bytes, off / debug | JITed bytes, off / debug | log-function instructions \
+         left, off / debug | |"
+    );
+    let _ = writeln!(out, "|---|---|---|---|---|---|---|---|");
+    let cost_text = |cost: Option<ProgramCost>| match cost {
+        Some(cost) => format!(
+            "{:.0} ns ({:.0}–{:.0}), {:.0}/s",
+            cost.ns, cost.lowest, cost.highest, cost.per_second
+        ),
+        None => "no runs".to_owned(),
+    };
+    let mut names: Vec<&str> = TIMER_PROGRAMS
+        .iter()
+        .chain(SOCKET_EVENT_PROGRAMS.iter())
+        .copied()
+        .collect();
+    let mut others: BTreeSet<&str> = off.sizes.keys().map(String::as_str).collect();
+    others.extend(debug.sizes.keys().map(String::as_str));
+    others.retain(|name| !names.contains(name));
+    names.extend(others);
+    let (mut smaller, mut sized, mut not_slower, mut within, mut beyond) = (0, 0, 0, 0, 0);
+    for name in names {
+        if !off.sizes.contains_key(name) && !debug.sizes.contains_key(name) {
+            continue;
+        }
+        let (off_cost, debug_cost) = (off.program(name), debug.program(name));
+        let size = |result: &LogResult| result.size(name).unwrap_or_default();
+        let ((off_xlated, off_jited), (debug_xlated, debug_jited)) = (size(off), size(debug));
+        let left = |result: &LogResult| {
+            result
+                .log_instructions
+                .get(name)
+                .map_or_else(|| "?".to_owned(), u64::to_string)
+        };
+        let mut marks = Vec::new();
+        if let (Some(off_bytes), Some(debug_bytes)) = (off.xlated(name), debug.xlated(name)) {
+            sized += 1;
+            if off_bytes < debug_bytes {
+                smaller += 1;
+                marks.push(format!(
+                    "log code removed at load ({} bytes fewer)",
+                    debug_bytes - off_bytes
+                ));
+            } else {
+                marks.push("not smaller under off: the log code was not removed".to_owned());
+            }
+        }
+        let difference = match (off_cost, debug_cost) {
+            (Some(off_cost), Some(debug_cost)) => {
+                let (mark, count) = log_verdict(off_cost, debug_cost);
+                match count {
+                    LogVerdict::NotSlower => not_slower += 1,
+                    LogVerdict::WithinNoise => within += 1,
+                    LogVerdict::Slower => beyond += 1,
+                }
+                marks.push(mark);
+                format!("{:+.0} ns", debug_cost.ns - off_cost.ns)
+            }
+            _ => String::new(),
+        };
+        let _ = writeln!(
+            out,
+            "| {name} | {} | {} | {difference} | {off_xlated} / {debug_xlated} | {off_jited} / \
+             {debug_jited} | {} / {} | {} |",
+            cost_text(off_cost),
+            cost_text(debug_cost),
+            left(off),
+            left(debug),
+            marks.join("; ")
+        );
+    }
+    // Every timer_list run passes through both timer programs.
+    let per_timer = |result: &LogResult| {
+        let entry = result.program(TIMER_PROGRAMS[0])?;
+        let exit = result.program(TIMER_PROGRAMS[1])?;
+        Some(entry.ns + exit.ns)
+    };
+    if let (Some(off_ns), Some(debug_ns)) = (per_timer(off), per_timer(debug)) {
+        let _ = writeln!(
+            out,
+            "| **timer_expire_entry + exit, per timer** | {off_ns:.0} ns | {debug_ns:.0} ns | \
+             {:+.0} ns | | | | |",
+            debug_ns - off_ns
+        );
+    }
+
+    let _ = writeln!(out, "\n| figure | off | debug |");
+    let _ = writeln!(out, "|---|---|---|");
+    let per_second = |value: u64, result: &LogResult| value as f64 / result.window_s();
+    let _ = writeln!(
+        out,
+        "| keepalive probes sent (TcpExt TCPKeepAlive of the workload's namespace) | {:.0}/s | \
+         {:.0}/s |",
+        per_second(off.keepalive_probes, off),
+        per_second(debug.keepalive_probes, debug)
+    );
+    let _ = writeln!(
+        out,
+        "| kernel log records in the daemon's output | {:.0}/s | {:.0}/s |",
+        per_second(off.kernel_records, off),
+        per_second(debug.kernel_records, debug)
+    );
+    let cpu =
+        |result: &LogResult| result.cpu_ticks as f64 / r.clock_ticks / result.window_s() * 100.0;
+    let _ = writeln!(
+        out,
+        "| daemon CPU | {:.2} % of a core ({} ticks in {:.1} s) | {:.2} % of a core ({} ticks in \
+         {:.1} s) |",
+        cpu(off),
+        off.cpu_ticks,
+        off.window_s(),
+        cpu(debug),
+        debug.cpu_ticks,
+        debug.window_s()
+    );
+    let _ = writeln!(
+        out,
+        "| RST churn alongside (median conn/s) | {:.0} | {:.0} |",
+        median(&off.connections_per_second),
+        median(&debug.connections_per_second)
+    );
+    let ran = not_slower + within + beyond;
+    let _ = writeln!(
+        out,
+        "\nVerdict: under `off` the translated program is smaller than under `debug` in \
+         {smaller} of {sized} programs (the log calls are removed at load); of the {ran} programs \
+         that ran under both, `off`'s mean ns per run is at most `debug`'s in {not_slower}, above \
+         it but within the rounds' spread in {within}, and above it beyond that spread in \
+         {beyond}. {}",
+        if smaller == sized && beyond == 0 {
+            "Under `off` only the stub counted above is left of the log in the translated \
+             code, and no program ran slower under `off` than under `debug` beyond the noise."
+        } else {
+            "So `off` is not shown to be free here: see the rows marked above."
+        }
+    );
+    if r.foreign.log_rounds > 0 {
+        let _ = writeln!(
+            out,
+            "\nAnother process (a test) had kalive programs loaded in {} of {} of these rounds; \
+             its keepalive connections ran through these timer programs too.",
+            r.foreign.log_rounds,
+            off.windows.len() + debug.windows.len()
+        );
+    }
+}
+
+/// How `off` compares with `debug` for one program.
+enum LogVerdict {
+    NotSlower,
+    WithinNoise,
+    Slower,
+}
+
+/// `off` against `debug`: not slower, slower by less than the rounds' spread, or slower beyond it.
+fn log_verdict(off: ProgramCost, debug: ProgramCost) -> (String, LogVerdict) {
+    let over = off.ns - debug.ns;
+    if over <= 0.0 {
+        ("off not slower".to_owned(), LogVerdict::NotSlower)
+    } else if off.lowest <= debug.highest {
+        (
+            format!("off {over:.0} ns slower, within the rounds' spread (noise)"),
+            LogVerdict::WithinNoise,
+        )
+    } else {
+        (
+            format!("off {over:.0} ns slower, beyond the rounds' spread"),
+            LogVerdict::Slower,
+        )
+    }
 }
 
 /// Puts `section` into docs/benchmarks.md in place of the previous one, or at the end.
@@ -1219,6 +1850,67 @@ mod tests {
         assert_eq!(first, format!("# Benchmarks\n\n## HTTP\ntext\n\n{section}"));
         let again = replace_section(&first, &section.replace("new", "newer"));
         assert_eq!(again, first.replace("new", "newer"));
+    }
+
+    #[test]
+    fn counts_what_is_left_of_the_log_functions() {
+        let dump = "u32 tcp_destroy_sock(enum c_void * ctx):\n\
+                    ; log::lost_events();\n   \
+                    7: (85) call pc+2#bpf_prog_27677f71af478053_lost_events\n   \
+                    8: (b7) r0 = 0\n   \
+                    9: (95) exit\n\
+                    void lost_events():\n\
+                    ; intrinsics::volatile_load(src)\n  \
+                    10: (18) r1 = map[id:1963][0]+734\n  \
+                    12: (71) r1 = *(u8 *)(r1 +0)\n  \
+                    13: (b7) r2 = 2\n\
+                    ; }\n  \
+                    14: (95) exit\n\
+                    void memcpy(u8 * dest, u8 * src, usize n):\n  \
+                    15: (95) exit\n";
+        assert_eq!(count_log_instructions(dump), 4);
+        assert_eq!(
+            count_log_instructions("int other(void * ctx):\n 0: (95) exit\n"),
+            0
+        );
+    }
+
+    #[test]
+    fn counts_the_kernel_records_in_the_daemon_log() {
+        let log = DaemonLog::default();
+        log.keep("[2026-12-03T08:29:19Z DEBUG kalive_ebpf::log] keepalive run netns 1".to_owned());
+        log.keep(
+            "[2026-12-03T08:29:19Z INFO  kalive_daemon::run] kalive_ebpf mentioned".to_owned(),
+        );
+        assert_eq!(log.kernel_records(), 1);
+        for n in 0..LOG_TAIL + 5 {
+            log.keep(format!("line {n}"));
+        }
+        assert!(log.tail().ends_with(&format!("line {}", LOG_TAIL + 4)));
+        assert_eq!(log.tail().lines().count(), LOG_TAIL);
+    }
+
+    #[test]
+    fn compares_off_with_debug_against_the_spread() {
+        let cost = |ns: f64, lowest: f64, highest: f64| ProgramCost {
+            ns,
+            per_second: 100.0,
+            lowest,
+            highest,
+        };
+        let debug = cost(300.0, 290.0, 320.0);
+        assert!(matches!(
+            log_verdict(cost(280.0, 270.0, 290.0), debug).1,
+            LogVerdict::NotSlower
+        ));
+        assert!(matches!(
+            log_verdict(cost(305.0, 300.0, 310.0), debug).1,
+            LogVerdict::WithinNoise
+        ));
+        assert!(matches!(
+            log_verdict(cost(350.0, 340.0, 360.0), debug).1,
+            LogVerdict::Slower
+        ));
     }
 
     #[test]

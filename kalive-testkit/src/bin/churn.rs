@@ -2,8 +2,8 @@
 //! clients can make them, in a network namespace of its own (needs root).
 //!
 //! ```text
-//! churn --seconds 2 --close rst|fin --keepalive on|off [--clients 2] [--acceptors 2]
-//! {"connections":41234,"seconds":2.000,"per_second":20617.0,"connect_errors":0,"close":"rst","keepalive":"off"}
+//! churn --seconds 2 --close rst|fin --keepalive on|off [--clients 2] [--acceptors 2] [--hold N]
+//! {"connections":41234,"seconds":2.000,"per_second":20617.0,"connect_errors":0,"close":"rst","keepalive":"off","held":0,"held_alive":0,"keepalive_probes":0}
 //! ```
 //!
 //! A listener on 127.0.0.1 and acceptor threads that accept and close at once: with `--close rst`
@@ -16,22 +16,51 @@
 //!
 //! The server closes first, so TIME_WAIT stays on its side (keyed by the server port) and the
 //! clients' ports are free again at once; the namespace's ephemeral range is widened all the same.
+//!
+//! `--hold N` (the keepalive workload of `cargo xtask bench`'s `--ebpf-log` rounds) first opens N
+//! more connections to a listener of their own, with TCP_KEEPIDLE 1, TCP_KEEPINTVL 1 and
+//! TCP_KEEPCNT 9 on the client side only, and keeps both ends open: every peer is alive and
+//! answers, so each client sends about one keepalive probe a second and the keepalive timer runs
+//! about N times a second (the connections open evenly over a second, so the probes are spread
+//! over it). After a warm-up (every held connection has probed once) churn prints
+//! `{"ready":true,"held":N}`, churns as above, and prints its result line with the held
+//! connections still open (`held_alive`: the clients with no error and no close from the peer;
+//! `keepalive_probes`: TcpExt TCPKeepAlive of the namespace during the churn). It then waits for
+//! a line or EOF on stdin before it closes them, so its caller can read counters first.
 
 use std::{
-    io::{self, Read as _},
+    io::{self, BufRead as _, Read as _, Write as _},
     net::{SocketAddr, SocketAddrV4, TcpListener, TcpStream},
     os::fd::{FromRawFd as _, OwnedFd},
     sync::atomic::{AtomicU64, Ordering},
     time::{Duration, Instant},
 };
 
-use kalive_testkit::{netns, sockets};
+use kalive_testkit::{netns, proc_net, sockets};
 
 /// A server's close that takes longer than this is a failure (the acceptors are stuck).
 const READ_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// TCP_KEEPIDLE of `--keepalive on`: far longer than any churn, so the timer never runs.
 const KEEPALIVE_IDLE_S: i32 = 600;
+
+/// The held connections' client side: a probe a second while the peer answers.
+const HOLD_KEEPALIVE: sockets::Keepalive = sockets::Keepalive {
+    idle_s: 1,
+    interval_s: 1,
+    count: 9,
+};
+
+/// The held connections are opened evenly over this much time (TCP_KEEPINTVL), so their timers
+/// are spread over the second and any window sees about N probes a second, not bursts.
+const HOLD_SPREAD: Duration = Duration::from_secs(1);
+
+/// From the last held connection to `ready`: longer than TCP_KEEPIDLE, so every held connection
+/// has sent its first probe and the timers run at their steady rate.
+const HOLD_WARMUP: Duration = Duration::from_millis(1500);
+
+/// The most connections `--hold` takes (two descriptors each).
+const MAX_HOLD: usize = 10_000;
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Close {
@@ -45,10 +74,11 @@ struct Options {
     keepalive: bool,
     clients: usize,
     acceptors: usize,
+    hold: usize,
 }
 
 const USAGE: &str = "usage: churn --seconds S --close rst|fin --keepalive on|off \
-                     [--clients N] [--acceptors N]";
+                     [--clients N] [--acceptors N] [--hold N]";
 
 fn parse_args() -> Options {
     let mut options = Options {
@@ -57,6 +87,7 @@ fn parse_args() -> Options {
         keepalive: false,
         clients: 2,
         acceptors: 2,
+        hold: 0,
     };
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
@@ -87,6 +118,12 @@ fn parse_args() -> Options {
             }
             "--clients" => options.clients = value.parse().unwrap_or_else(|_| bad()),
             "--acceptors" => options.acceptors = value.parse().unwrap_or_else(|_| bad()),
+            "--hold" => {
+                options.hold = value.parse().unwrap_or_else(|_| bad());
+                if options.hold > MAX_HOLD {
+                    bad();
+                }
+            }
             _ => panic!("unknown argument {flag:?}; {USAGE}"),
         }
     }
@@ -120,6 +157,9 @@ fn main() {
         std::thread::spawn(move || accept_and_close(&listener, close));
     }
 
+    let held = (options.hold > 0).then(|| hold(options.hold));
+    let probes_before = held.as_ref().map(|_| keepalive_probes());
+
     let connections = AtomicU64::new(0);
     let connect_errors = AtomicU64::new(0);
     let started = Instant::now();
@@ -140,9 +180,14 @@ fn main() {
     });
     let elapsed = started.elapsed().as_secs_f64();
     let connections = connections.load(Ordering::Relaxed);
+    let probes = probes_before.map_or(0, |before| keepalive_probes().saturating_sub(before));
+    let held_alive = held.as_ref().map_or(0, |held| {
+        held.clients.iter().filter(|&client| alive(client)).count()
+    });
     println!(
         "{{\"connections\":{connections},\"seconds\":{elapsed:.3},\"per_second\":{:.1},\
-         \"connect_errors\":{},\"close\":\"{}\",\"keepalive\":\"{}\"}}",
+         \"connect_errors\":{},\"close\":\"{}\",\"keepalive\":\"{}\",\"held\":{},\
+         \"held_alive\":{held_alive},\"keepalive_probes\":{probes}}}",
         connections as f64 / elapsed,
         connect_errors.load(Ordering::Relaxed),
         if options.close == Close::Rst {
@@ -151,7 +196,73 @@ fn main() {
             "fin"
         },
         if options.keepalive { "on" } else { "off" },
+        options.hold,
     );
+    if let Some(held) = held {
+        // The caller reads its counters now; the held connections close when it says so.
+        let _ = io::stdout().flush();
+        let _ = io::stdin().lock().read_line(&mut String::new());
+        drop(held);
+    }
+}
+
+/// The held keepalive connections: both ends, open until dropped.
+struct Held {
+    clients: Vec<TcpStream>,
+    _servers: Vec<TcpStream>,
+}
+
+/// Opens `count` keepalive connections to a listener of their own (HOLD_KEEPALIVE on the
+/// clients), waits HOLD_WARMUP, and prints the `ready` line.
+fn hold(count: usize) -> Held {
+    // Two descriptors a connection, and room for the churn's.
+    sockets::raise_fd_limit(2 * count as u64 + 1024);
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .unwrap_or_else(|err| panic!("bind the held connections' listener: {err}"));
+    let mut held = Held {
+        clients: Vec::with_capacity(count),
+        _servers: Vec::with_capacity(count),
+    };
+    let gap = HOLD_SPREAD / u32::try_from(count).unwrap_or(u32::MAX);
+    let started = Instant::now();
+    for at in 0..count {
+        // Evenly spread: the n-th connection opens n gaps after the first.
+        let due = started + gap * u32::try_from(at).unwrap_or(u32::MAX);
+        std::thread::sleep(due.saturating_duration_since(Instant::now()));
+        let (client, server) = sockets::connected_pair(&listener);
+        sockets::enable_keepalive(&client, Some(HOLD_KEEPALIVE));
+        held.clients.push(client);
+        held._servers.push(server);
+    }
+    std::thread::sleep(HOLD_WARMUP);
+    println!("{{\"ready\":true,\"held\":{count}}}");
+    io::stdout()
+        .flush()
+        .unwrap_or_else(|err| panic!("write the ready line: {err}"));
+    held
+}
+
+/// TcpExt TCPKeepAlive of this namespace: keepalive probes sent.
+fn keepalive_probes() -> u64 {
+    proc_net::tcp_ext()
+        .get("TCPKeepAlive")
+        .copied()
+        .unwrap_or_else(|| panic!("this kernel's /proc/net/netstat has no TCPKeepAlive"))
+}
+
+/// Whether a held client still has its peer: no socket error, and nothing to read (no EOF).
+fn alive(client: &TcpStream) -> bool {
+    if !matches!(client.take_error(), Ok(None)) {
+        return false;
+    }
+    client
+        .set_nonblocking(true)
+        .unwrap_or_else(|err| panic!("O_NONBLOCK on a held connection: {err}"));
+    let mut byte = [0u8; 1];
+    let idle =
+        matches!(client.peek(&mut byte), Err(err) if err.kind() == io::ErrorKind::WouldBlock);
+    let _ = client.set_nonblocking(false);
+    idle
 }
 
 /// Moves the whole process (it has one thread yet) into a new network namespace with `lo` up and
