@@ -51,6 +51,29 @@ fn listen_on(link: &Link, address: IpAddr, port: u16) -> TcpListener {
         .run(|| TcpListener::bind(at).unwrap_or_else(|err| panic!("bind {at}: {err}")))
 }
 
+/// What most tests here start from: kalive, the link, the client namespace and its TcpExt.
+struct Setup {
+    kalive: Kalive,
+    link: Link,
+    netns: u32,
+    before: std::collections::BTreeMap<String, u64>,
+}
+
+/// Starts kalive (None when the test must skip) and a default link; reads the client
+/// namespace's TcpExt before anything runs.
+fn setup(test: &str) -> Option<Setup> {
+    let kalive = Kalive::start_for(test)?;
+    let link = Link::new(LinkConfig::default());
+    let netns = link.client.inum;
+    let before = link.client.run(tcp_ext);
+    Some(Setup {
+        kalive,
+        link,
+        netns,
+        before,
+    })
+}
+
 /// Connects from the client side to `listener`, turns keepalive on at the client end.
 fn pair(link: &Link, listener: &TcpListener, settings: Keepalive) -> Pair {
     let at = listener.local_addr().expect("listener address");
@@ -234,12 +257,15 @@ fn answers_are_seen_when_they_arrive() {
 #[test]
 fn busy_connections_send_no_probes() {
     let test = "busy_connections_send_no_probes";
-    let Some(kalive) = Kalive::start_for(test) else {
+    let Some(Setup {
+        kalive,
+        link,
+        netns,
+        before,
+    }) = setup(test)
+    else {
         return;
     };
-    let link = Link::new(LinkConfig::default());
-    let netns = link.client.inum;
-    let before = link.client.run(tcp_ext);
     let fast = Keepalive {
         idle_s: 1,
         interval_s: 1,
@@ -304,12 +330,15 @@ fn busy_connections_send_no_probes() {
 #[test]
 fn zero_window_probes_are_not_keepalive_probes() {
     let test = "zero_window_probes_are_not_keepalive_probes";
-    let Some(kalive) = Kalive::start_for(test) else {
+    let Some(Setup {
+        kalive,
+        link,
+        netns,
+        before,
+    }) = setup(test)
+    else {
         return;
     };
-    let link = Link::new(LinkConfig::default());
-    let netns = link.client.inum;
-    let before = link.client.run(tcp_ext);
     let listener = listen_on(&link, link.server_v4(), 7300);
     let stalled = pair(
         &link,
@@ -380,12 +409,15 @@ fn fill_peer_window(stream: &TcpStream) {
 #[test]
 fn half_closed_connections_are_tracked() {
     let test = "half_closed_connections_are_tracked";
-    let Some(kalive) = Kalive::start_for(test) else {
+    let Some(Setup {
+        kalive,
+        link,
+        netns,
+        before,
+    }) = setup(test)
+    else {
         return;
     };
-    let link = Link::new(LinkConfig::default());
-    let netns = link.client.inum;
-    let before = link.client.run(tcp_ext);
     let settings = Keepalive {
         idle_s: 1,
         interval_s: 1,
@@ -573,12 +605,15 @@ fn other_timers_find_peers_dead_or_unreachable() {
 #[test]
 fn probes_dropped_by_the_host_still_count() {
     let test = "probes_dropped_by_the_host_still_count";
-    let Some(kalive) = Kalive::start_for(test) else {
+    let Some(Setup {
+        kalive,
+        link,
+        netns,
+        before,
+    }) = setup(test)
+    else {
         return;
     };
-    let link = Link::new(LinkConfig::default());
-    let netns = link.client.inum;
-    let before = link.client.run(tcp_ext);
     let listener = listen_on(&link, link.server_v4(), 7600);
     let conn = pair(
         &link,
@@ -917,12 +952,15 @@ fn connect_from(local: SocketAddr, remote: SocketAddr) -> TcpStream {
 #[test]
 fn the_probe_counter_wraps_without_a_miscount() {
     let test = "the_probe_counter_wraps_without_a_miscount";
-    let Some(kalive) = Kalive::start_for(test) else {
+    let Some(Setup {
+        kalive,
+        link,
+        netns,
+        before,
+    }) = setup(test)
+    else {
         return;
     };
-    let link = Link::new(LinkConfig::default());
-    let netns = link.client.inum;
-    let before = link.client.run(tcp_ext);
     let listener = listen_on(&link, link.server_v4(), 7800);
     let conn = pair(
         &link,
