@@ -8,7 +8,7 @@
 use std::time::{Duration, Instant};
 
 use kalive_testkit::{
-    daemon::DaemonProcess,
+    daemon::{assert_probes_seen, DaemonProcess},
     netns::Netns,
     privilege::privileged,
     proc_net::{counter_delta, tcp_ext},
@@ -104,11 +104,9 @@ fn a_stalled_reader_loses_nothing_uncounted() {
     );
     let unreported = metric_sum(&exposition, "kalive_keepalive_probes_unreported_total", &[]);
     assert!(unreported > 0, "records with probes were lost: {lost}");
-    assert_eq!(
-        reported + unreported,
-        sent,
-        "probes reported ({reported}) + in lost records ({unreported}) vs TCPKeepAlive"
-    );
+    // Reported plus counted as lost: what the kernel sent, but for the keepalive runs the timer
+    // programs now and then miss (docs/testing.md).
+    assert_probes_seen(reported + unreported, sent, test);
 
     // Recovered: healthy, and a new connection's probes are seen.
     let deadline = Instant::now() + Duration::from_secs(5);
