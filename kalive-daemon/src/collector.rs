@@ -28,11 +28,16 @@ use crate::{
         decode::decode,
         ebpf_log::{self, EbpfLogLevel},
         loader::{load_and_attach, AttachError, HookMode, LoadError, LoadOptions},
+        netns::NetnsDirectory,
+        netstat,
         procfs::{boot_time_ns, kernel_release, process_start_boot_ns},
         program_stats::ProgramHandles,
         sock_diag::{SockDiag, SocketId, TimerKind},
     },
-    tracking::table::{AnswerCheck, Applied, CheckResult, ConnectionTable},
+    tracking::{
+        table::{AnswerCheck, Applied, CheckResult, ConnectionTable},
+        unseen::UnseenProbes,
+    },
 };
 
 /// How often the ring buffer is drained without a wake-up, and answer checks are made.
@@ -46,6 +51,8 @@ const MAX_CHECKS_PER_TICK: usize = 500;
 const DROP_POLL: Duration = Duration::from_secs(1);
 /// How often the kernel's connections map is counted (one syscall per entry).
 const MAP_COUNT_POLL: Duration = Duration::from_secs(5);
+/// How often kalive's probe count is compared with each namespace's TcpExt TCPKeepAlive.
+const UNSEEN_POLL: Duration = Duration::from_secs(1);
 /// A drain loop silent for longer than this is reported unhealthy.
 const DRAIN_STALE_AFTER: Duration = Duration::from_secs(5);
 
@@ -265,6 +272,7 @@ impl Collector {
                 untracked_resets,
                 reset_counts: HashMap::new(),
                 checks: AnswerChecks::new(options.answer_checks_per_second),
+                unseen: UnseenCheck::new(),
             },
             shared.clone(),
             cancel,
@@ -303,6 +311,7 @@ struct Kernel {
     /// Each UNTRACKED_RESETS label set's total at the last read.
     reset_counts: HashMap<ResetKey, u64>,
     checks: AnswerChecks,
+    unseen: UnseenCheck,
 }
 
 /// Drains until cancelled or failed, and records why it stopped for /healthz.
@@ -337,6 +346,7 @@ async fn drain(
     drain_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut drop_poll = tokio::time::interval(DROP_POLL);
     let mut map_count_poll = tokio::time::interval(MAP_COUNT_POLL);
+    let mut unseen_poll = tokio::time::interval(UNSEEN_POLL);
     loop {
         tokio::select! {
             () = cancel.cancelled() => {
@@ -359,6 +369,10 @@ async fn drain(
             }
             _ = map_count_poll.tick() => {
                 count_connections(&kernel.connections, kernel.max_connections, shared);
+            }
+            _ = unseen_poll.tick() => {
+                drain_ready(kernel.ring.get_mut(), shared, log_probes);
+                kernel.unseen.run(shared);
             }
         }
         shared.lock().health.last_drain = Instant::now();
@@ -400,6 +414,77 @@ fn read_untracked_resets(
     }
     for tally in &applied.tallies {
         collected.metrics.record(tally);
+    }
+}
+
+/// The comparison of kalive's probe count with the kernel's in every network namespace
+/// (`tracking::unseen`): finds the probes sent in runs kalive never saw.
+struct UnseenCheck {
+    directory: NetnsDirectory,
+    ledger: UnseenProbes,
+    /// Why the last read failed, logged once per distinct reason.
+    last_failure: Option<String>,
+    /// Unseen probes were logged as a warning once already.
+    reported_unseen: bool,
+}
+
+impl UnseenCheck {
+    fn new() -> UnseenCheck {
+        UnseenCheck {
+            directory: NetnsDirectory::new(),
+            ledger: UnseenProbes::new(),
+            last_failure: None,
+            reported_unseen: false,
+        }
+    }
+
+    /// One comparison in every namespace. The caller has just read every waiting record, so
+    /// kalive's counts are taken first, the kernel's after.
+    fn run(&mut self, shared: &Shared) {
+        let namespaces = self.directory.all();
+        self.ledger.retain(&namespaces);
+        let seen: Vec<(u32, u64)> = {
+            let collected = shared.lock();
+            namespaces
+                .iter()
+                .map(|&netns| (netns, collected.table.totals(netns).probes_sent))
+                .collect()
+        };
+        let mut found = Vec::new();
+        for (netns, kalive) in seen {
+            let Some(handle) = self.directory.find(netns) else {
+                continue;
+            };
+            match netstat::keepalive_probes(handle, netns) {
+                Ok(kernel) => found.push((netns, self.ledger.compare(netns, kalive, kernel))),
+                Err(err) => {
+                    let reason = err.to_string();
+                    if self.last_failure.as_ref() != Some(&reason) {
+                        log::warn!("{reason}");
+                        self.last_failure = Some(reason);
+                    }
+                }
+            }
+        }
+        let mut collected = shared.lock();
+        for (netns, unseen) in found {
+            if unseen > 0 {
+                let level = if self.reported_unseen {
+                    log::Level::Debug
+                } else {
+                    log::Level::Warn
+                };
+                self.reported_unseen = true;
+                log::log!(
+                    level,
+                    "network namespace {netns}: the kernel sent {unseen} keepalive probe(s) in \
+                     timer runs kalive did not see (counted in \
+                     kalive_keepalive_probes_unseen_total; later ones are logged at debug level)"
+                );
+                collected.table.count_unseen_probes(netns, unseen);
+                collected.metrics.add_unseen_probes(unseen);
+            }
+        }
     }
 }
 

@@ -219,6 +219,8 @@ pub struct StatusJson {
     pub probes_sent: u64,
     pub probes_answered: u64,
     pub probe_send_failures: u64,
+    /// Probes the kernel counted (TcpExt TCPKeepAlive) that kalive has no record of.
+    pub probes_unseen: u64,
     /// Connections closed by the keepalive timer (dead or unreachable).
     pub keepalive_timeouts: u64,
     pub resets_received: u64,

@@ -361,6 +361,7 @@ pub fn status(
         probes_sent: totals.probes_sent,
         probes_answered: totals.probes_answered,
         probe_send_failures: totals.probe_send_failures,
+        probes_unseen: totals.probes_unseen,
         keepalive_timeouts: totals.keepalive_timeouts,
         resets_received: totals.resets_received,
         events_lost,

@@ -170,6 +170,7 @@ pub struct Metrics {
     settings: IntGaugeVec,
     events_lost: IntCounterVec,
     probes_unreported: IntCounter,
+    probes_unseen: IntCounter,
     timeouts: IntCounterVec,
     map_entries: IntGaugeVec,
     map_capacity: IntGaugeVec,
@@ -282,7 +283,17 @@ impl Metrics {
                 IntCounter::new(
                     "keepalive_probes_unreported_total",
                     "Keepalive probes the kernel sent in timer runs whose record was lost \
-                     (ring buffer full): probes_sent + this = TcpExt TCPKeepAlive.",
+                     (ring buffer full); they are part of keepalive_probes_unseen_total too.",
+                )?,
+            )?,
+            probes_unseen: registered(
+                &registry,
+                IntCounter::new(
+                    "keepalive_probes_unseen_total",
+                    "Keepalive probes the kernel counted (TcpExt TCPKeepAlive of each network \
+                     namespace, compared every few seconds) that kalive has no record of: runs \
+                     the kernel did not hand to kalive's programs, or records lost. \
+                     probes_sent + this = TCPKeepAlive.",
                 )?,
             )?,
             timeouts: counter(
@@ -420,6 +431,11 @@ impl Metrics {
     /// Adds probes sent in timer runs whose record was lost.
     pub fn add_unreported_probes(&self, probes: u64) {
         self.probes_unreported.inc_by(probes);
+    }
+
+    /// Adds probes the kernel counted that kalive has no record of.
+    pub fn add_unseen_probes(&self, probes: u64) {
+        self.probes_unseen.inc_by(probes);
     }
 
     /// Events lost at every stage: the sum of `kalive_events_lost_total` over `stage`.

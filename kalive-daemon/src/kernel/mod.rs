@@ -10,6 +10,7 @@ pub mod hz;
 pub mod kallsyms;
 pub mod loader;
 pub mod netns;
+pub mod netstat;
 pub mod privileges;
 pub mod procfs;
 pub mod program_stats;

@@ -1,7 +1,8 @@
 //! The daemon's view of the host's keepalive connections, built from the kernel's records:
 //! the connections (`connection`), the rules that name a peer's state (`peer_state`), the table
-//! that applies each kernel record (`table`), the bounded history of changes (`history`) and the
-//! running totals per network namespace (`totals`).
+//! that applies each kernel record (`table`), the bounded history of changes (`history`), the
+//! running totals per network namespace (`totals`), and the probes the kernel counted that kalive
+//! never saw (`unseen`).
 
 pub mod connection;
 pub mod history;
@@ -9,3 +10,4 @@ pub mod peer_state;
 pub mod probe_rules;
 pub mod table;
 pub mod totals;
+pub mod unseen;

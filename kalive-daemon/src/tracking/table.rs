@@ -200,6 +200,14 @@ impl ConnectionTable {
         applied
     }
 
+    /// Adds probes the kernel counted in namespace `netns` that kalive has no record of
+    /// (`tracking::unseen`).
+    pub fn count_unseen_probes(&mut self, netns: u32, probes: u64) {
+        if probes > 0 {
+            self.totals.entry(netns).or_default().probes_unseen += probes;
+        }
+    }
+
     /// Adds the kernel's count of RSTs on sockets kalive does not track (UNTRACKED_RESETS).
     pub fn count_untracked_resets(&mut self, key: &ResetKey, count: u64) -> Applied {
         let mut applied = Applied::default();

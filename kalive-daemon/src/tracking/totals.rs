@@ -77,6 +77,9 @@ pub struct Totals {
     pub probes_sent: u64,
     pub probes_answered: u64,
     pub probe_send_failures: u64,
+    /// Probes the kernel counted that kalive has no record of: probes_sent + this is the
+    /// namespace's TcpExt TCPKeepAlive since kalive first compared it.
+    pub probes_unseen: u64,
     /// Connections closed by the keepalive timer with an error (dead or unreachable).
     pub keepalive_timeouts: u64,
     /// Connections any timer gave up on (keepalive included), by timer name: together they
@@ -130,6 +133,7 @@ impl Totals {
         self.probes_sent += other.probes_sent;
         self.probes_answered += other.probes_answered;
         self.probe_send_failures += other.probe_send_failures;
+        self.probes_unseen += other.probes_unseen;
         self.keepalive_timeouts += other.keepalive_timeouts;
         self.resets_received += other.resets_received;
         self.resets_received_during_probe += other.resets_received_during_probe;

@@ -30,6 +30,7 @@ pub(crate) fn snapshot(taken: f64, conns: Vec<ConnectionJson>, page: EventsJson)
             probes_sent: (taken as u64) * 2,
             probes_answered: 10,
             probe_send_failures: 0,
+            probes_unseen: 0,
             keepalive_timeouts: 1,
             resets_received: 2,
             events_lost: 0,
