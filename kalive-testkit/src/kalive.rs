@@ -104,6 +104,31 @@ impl Kalive {
         self.read(|collected| collected.table.totals(netns))
     }
 
+    /// Every probe the kernel counted in `netns` (`kernel`: its TcpExt TCPKeepAlive since the
+    /// namespace was made) is accounted for, exactly: seen by kalive, or found unseen by kalive's
+    /// comparison with that same counter (it runs every second: this waits up to 8 s for it).
+    /// kalive never counts more than the kernel; the unseen ones are printed (docs/testing.md).
+    pub fn assert_probes_accounted(&self, netns: u32, kernel: u64, context: &str) {
+        self.wait_for(Duration::from_secs(8), |collected| {
+            let totals = collected.table.totals(netns);
+            totals.probes_sent + totals.probes_unseen == kernel
+        });
+        let totals = self.totals(netns);
+        assert!(
+            totals.probes_sent <= kernel && totals.probes_sent + totals.probes_unseen == kernel,
+            "{context}: probes seen {} + unseen {} vs TCPKeepAlive {kernel}",
+            totals.probes_sent,
+            totals.probes_unseen
+        );
+        if totals.probes_unseen > 0 {
+            eprintln!(
+                "{context}: {} of {kernel} probes sent in timer runs kalive's programs never saw, \
+                 counted as unseen",
+                totals.probes_unseen
+            );
+        }
+    }
+
     /// Ended connections of one namespace, oldest first.
     pub fn ended(&self, netns: u32) -> Vec<EndedConnection> {
         self.read(|collected| ended_in(&collected.table, netns))

@@ -248,7 +248,8 @@ fn answers_are_seen_when_they_arrive() {
         );
         kalive_sent += ended.connection.probes_sent;
     }
-    assert_probes_seen(kalive_sent, sent, test);
+    assert_eq!(kalive.totals(netns).probes_sent, kalive_sent);
+    kalive.assert_probes_accounted(netns, sent, test);
     assert_eq!(kalive.totals(netns).probes_answered, kalive_sent);
 }
 
@@ -461,12 +462,8 @@ fn half_closed_connections_are_tracked() {
         assert_eq!(ended.outcome, PeerState::Dead);
         assert_eq!(ended.error, libc::ETIMEDOUT);
     }
+    kalive.assert_probes_accounted(netns, since(&link, &before, "TCPKeepAlive"), test);
     let totals = kalive.totals(netns);
-    assert_probes_seen(
-        totals.probes_sent,
-        since(&link, &before, "TCPKeepAlive"),
-        test,
-    );
     assert_eq!(totals.keepalive_timeouts, 2);
     assert_eq!(
         totals.all_timeouts(),
@@ -600,11 +597,7 @@ fn other_timers_find_peers_dead_or_unreachable() {
         since(&link, &before, "TCPAbortOnTimeout")
     );
     assert_eq!(totals.all_timeouts(), 5);
-    assert_probes_seen(
-        totals.probes_sent,
-        since(&link, &before, "TCPKeepAlive"),
-        test,
-    );
+    kalive.assert_probes_accounted(netns, since(&link, &before, "TCPKeepAlive"), test);
 }
 
 /// Probes the host itself drops (a qdisc that takes nothing: the kernel counts them in
@@ -648,10 +641,7 @@ fn probes_dropped_by_the_host_still_count() {
     assert!(dropped >= 3, "tc dropped {dropped} probes");
     assert_eq!(socket_error(&conn.client), 0);
     let sent = since(&link, &before, "TCPKeepAlive");
-    kalive.wait_for(Duration::from_secs(3), |c| {
-        c.table.totals(netns).probes_sent == sent
-    });
-    assert_probes_seen(kalive.totals(netns).probes_sent, sent, test);
+    kalive.assert_probes_accounted(netns, sent, test);
     assert_eq!(kalive.totals(netns).probe_send_failures, dropped);
     let live = live_by_port(&kalive, netns, conn.port).expect("tracked");
     assert_eq!(live.send_failures, dropped);
@@ -766,12 +756,10 @@ fn more_connections_than_the_map_holds() {
         wait_for_end(&kalive, netns, port);
     }
     assert!(kalive.live(netns).is_empty(), "connections left behind");
-    // Probes: every probe kalive saw is one the kernel counted (never more), and every one of
-    // the refused connections counted too. Exact equality holds at lower load (the other tests
-    // here); at this load a few in a thousand of the kernel's keepalive runs are never seen by
-    // the timer programs (kalive's own per-run counts agree with what it reports, so the runs
-    // go missing before timer_run begins): an open problem, measured and printed here.
+    // Probes: every probe the kernel counted is seen (the refused connections' too) or counted
+    // as unseen (runs the kernel never handed to the timer programs: docs/testing.md).
     let sent = since(&link, &before, "TCPKeepAlive");
+    kalive.assert_probes_accounted(netns, sent, test);
     let (drops, skipped, decode_errors) = kalive.read(|c| {
         (
             c.stats.kernel_drops,
@@ -785,17 +773,8 @@ fn more_connections_than_the_map_holds() {
     assert_eq!(totals.probe_send_failures, 0, "no probe failed to leave");
     // Answers are followed on tracked connections only (the refused ones have no entry).
     assert!(totals.probes_answered <= totals.probes_sent);
-    assert!(
-        totals.probes_sent <= sent && totals.probes_sent > 0,
-        "probes: kalive {} vs TCPKeepAlive {sent}",
-        totals.probes_sent
-    );
-    eprintln!(
-        "{test}: probes kalive {} vs TCPKeepAlive {sent} (unseen {}), kernel drops by reason \
-         {drops:?}, programs skipped {skipped:?}",
-        totals.probes_sent,
-        sent - totals.probes_sent
-    );
+    assert!(totals.probes_sent > 0, "kalive saw no probe");
+    eprintln!("{test}: kernel drops by reason {drops:?}, programs skipped {skipped:?}");
 }
 
 /// Keepalive switched off on a probing connection: kalive shows it off and not probing within
