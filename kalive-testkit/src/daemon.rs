@@ -6,10 +6,6 @@ use std::{
     time::Duration,
 };
 
-use kalive_daemon::tracking::totals::Totals;
-
-use crate::proc_net::KernelDelta;
-
 /// The real `kalive-daemon run` binary, started with `args` after `run --listen 127.0.0.1:0`,
 /// stopped with SIGTERM on drop. Its log lines arrive on `lines`, stamped on arrival.
 pub struct DaemonProcess {
@@ -133,9 +129,10 @@ impl Drop for KillOnDrop {
     }
 }
 
-/// kalive's probe count against TcpExt TCPKeepAlive: never more, and at most the few keepalive
-/// runs the timer programs are known to miss now and then (an open problem, docs/testing.md:
-/// up to 2 + 1 % of the kernel's count); the gap is printed.
+/// kalive's probe count against TcpExt TCPKeepAlive while probes may still be in flight (or
+/// without the daemon's own comparison at hand): never more, and at most the few runs this CI host
+/// hides from BPF (docs/testing.md: up to 2 + 1 % of the kernel's count); the gap is printed.
+/// Where the daemon's comparison has run, `Kalive::assert_probes_accounted` is exact.
 pub fn assert_probes_seen(kalive: u64, kernel: u64, context: &str) {
     assert!(
         kalive <= kernel && kernel - kalive <= 2 + kernel / 100,
@@ -147,18 +144,4 @@ pub fn assert_probes_seen(kalive: u64, kernel: u64, context: &str) {
             kernel - kalive
         );
     }
-}
-
-/// kalive's probes and keepalive timeouts equal the kernel's TcpExt deltas (probes: see
-/// `assert_probes_seen`).
-pub fn assert_matches_kernel(kalive: &Totals, kernel: KernelDelta) {
-    assert_probes_seen(
-        kalive.probes_sent,
-        kernel.keepalive_probes,
-        &format!("kalive {kalive:?} vs kernel {kernel:?}"),
-    );
-    assert_eq!(
-        kalive.keepalive_timeouts, kernel.aborts_on_timeout,
-        "keepalive timeouts: kalive {kalive:?} vs kernel {kernel:?}"
-    );
 }

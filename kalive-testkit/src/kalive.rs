@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     netns::Netns,
     privilege::privileged,
+    proc_net::KernelDelta,
     scenarios::{self, ended_in, KernelRun, Mismatch, Verified},
 };
 
@@ -107,7 +108,8 @@ impl Kalive {
     /// Every probe the kernel counted in `netns` (`kernel`: its TcpExt TCPKeepAlive since the
     /// namespace was made) is accounted for, exactly: seen by kalive, or found unseen by kalive's
     /// comparison with that same counter (it runs every second: this waits up to 8 s for it).
-    /// kalive never counts more than the kernel; the unseen ones are printed (docs/testing.md).
+    /// kalive never counts more than the kernel, and unseen probes stay as rare as the runs this
+    /// CI host hides from BPF (at most 2 + 1 %, docs/testing.md); they are printed.
     pub fn assert_probes_accounted(&self, netns: u32, kernel: u64, context: &str) {
         self.wait_for(Duration::from_secs(8), |collected| {
             let totals = collected.table.totals(netns);
@@ -115,7 +117,9 @@ impl Kalive {
         });
         let totals = self.totals(netns);
         assert!(
-            totals.probes_sent <= kernel && totals.probes_sent + totals.probes_unseen == kernel,
+            totals.probes_sent <= kernel
+                && totals.probes_sent + totals.probes_unseen == kernel
+                && totals.probes_unseen <= 2 + kernel / 100,
             "{context}: probes seen {} + unseen {} vs TCPKeepAlive {kernel}",
             totals.probes_sent,
             totals.probes_unseen
@@ -127,6 +131,18 @@ impl Kalive {
                 totals.probes_unseen
             );
         }
+    }
+
+    /// kalive's probes and keepalive timeouts in `netns` against the kernel's TcpExt deltas: every
+    /// probe accounted for (`assert_probes_accounted`), timeouts equal.
+    pub fn assert_matches_kernel(&self, netns: u32, kernel: KernelDelta) {
+        let context = format!("kalive {:?} vs kernel {kernel:?}", self.totals(netns));
+        self.assert_probes_accounted(netns, kernel.keepalive_probes, &context);
+        let totals = self.totals(netns);
+        assert_eq!(
+            totals.keepalive_timeouts, kernel.aborts_on_timeout,
+            "keepalive timeouts: kalive {totals:?} vs kernel {kernel:?}"
+        );
     }
 
     /// Ended connections of one namespace, oldest first.

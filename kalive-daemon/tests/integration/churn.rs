@@ -17,7 +17,6 @@ use kalive_common::names;
 use kalive_daemon::tracking::peer_state::PeerState;
 use kalive_testkit::{
     bpftool,
-    daemon::assert_matches_kernel,
     kalive::Kalive,
     privilege::tool,
     proc_net::{delta, tcp_ext},
@@ -135,7 +134,7 @@ fn counts_stay_exact_under_connection_churn() {
         "kalive saw {} of {DEAD_CONNECTIONS} outcomes",
         kalive.ended(netns.inum).len()
     );
-    assert_matches_kernel(&kalive.totals(netns.inum), kernel);
+    kalive.assert_matches_kernel(netns.inum, kernel);
     let ended = kalive.ended(netns.inum);
     for e in &ended {
         assert_eq!(e.outcome, PeerState::Dead, "{e:?}");

@@ -10,7 +10,6 @@ use std::{net::TcpStream, time::Duration};
 use kalive_daemon::tracking::peer_state::PeerState;
 // FAST: idle 1 s, interval 1 s, 3 probes; a dead peer is declared after about 4 s.
 use kalive_testkit::{
-    daemon::assert_matches_kernel,
     kalive::Kalive,
     netns::Netns,
     proc_net::{delta, tcp_ext},
@@ -118,8 +117,8 @@ fn rst_while_idle_is_reset_not_rebooted() {
         kalive.wait_for_outcomes(netns.inum, 1, OUTCOME_WAIT),
         "kalive saw no outcome"
     );
+    kalive.assert_matches_kernel(netns.inum, kernel);
     let totals = kalive.totals(netns.inum);
-    assert_matches_kernel(&totals, kernel);
     assert_eq!(totals.resets_received, 1);
     assert_eq!(totals.resets_received_during_probe, 0);
     assert_eq!(outcomes(&kalive, &netns), vec![PeerState::Reset]);
@@ -153,7 +152,7 @@ fn icmp_unreachable_peer_matches_the_kernel_verdict() {
         kalive.wait_for_outcomes(netns.inum, 1, OUTCOME_WAIT),
         "kalive saw no outcome"
     );
-    assert_matches_kernel(&kalive.totals(netns.inum), kernel);
+    kalive.assert_matches_kernel(netns.inum, kernel);
     let ended = &kalive.ended(netns.inum)[0];
     assert_eq!(
         ended.error, error,
@@ -217,7 +216,7 @@ fn a_thousand_concurrent_keepalive_connections() {
         kalive.ended(netns.inum).len()
     );
     assert_eq!(kalive.kernel_drops(), 0, "the kernel programs lost events");
-    assert_matches_kernel(&kalive.totals(netns.inum), kernel);
+    kalive.assert_matches_kernel(netns.inum, kernel);
     let totals = kalive.totals(netns.inum);
     assert_eq!(
         totals.outcomes.get("dead"),
