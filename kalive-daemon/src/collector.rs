@@ -3,7 +3,7 @@
 //! outcome. What it collects (`Collected`) is shared with the HTTP server behind one lock.
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeSet, HashMap},
     fmt,
     os::fd::AsRawFd,
     sync::{Arc, Mutex, MutexGuard},
@@ -53,6 +53,8 @@ const DROP_POLL: Duration = Duration::from_secs(1);
 const MAP_COUNT_POLL: Duration = Duration::from_secs(5);
 /// How often kalive's probe count is compared with each namespace's TcpExt TCPKeepAlive.
 const UNSEEN_POLL: Duration = Duration::from_secs(1);
+/// Least time between two scans of /proc for the namespaces of that comparison.
+const UNSEEN_RESCAN: Duration = Duration::from_secs(10);
 /// A drain loop silent for longer than this is reported unhealthy.
 const DRAIN_STALE_AFTER: Duration = Duration::from_secs(5);
 
@@ -417,10 +419,17 @@ fn read_untracked_resets(
     }
 }
 
-/// The comparison of kalive's probe count with the kernel's in every network namespace
-/// (`tracking::unseen`): finds the probes sent in runs kalive never saw.
+/// The comparison of kalive's probe count with the kernel's in every network namespace where
+/// kalive has counted something (`tracking::unseen`): finds the probes sent in runs kalive never
+/// saw.
 struct UnseenCheck {
+    /// Handles on namespaces. A full scan of /proc reads a link per thread and per open file, so
+    /// it runs once at start and then only for a namespace not found yet, at most every
+    /// UNSEEN_RESCAN.
     directory: NetnsDirectory,
+    /// The namespaces that existed when the programs were attached; any other one was made since
+    /// and its counters are compared from zero.
+    at_start: BTreeSet<u32>,
     ledger: UnseenProbes,
     /// Why the last read failed, logged once per distinct reason.
     last_failure: Option<String>,
@@ -429,9 +438,13 @@ struct UnseenCheck {
 }
 
 impl UnseenCheck {
+    /// Made once the programs are attached.
     fn new() -> UnseenCheck {
+        let mut directory = NetnsDirectory::with_rescan_interval(UNSEEN_RESCAN);
+        let at_start = directory.all().into_iter().collect();
         UnseenCheck {
-            directory: NetnsDirectory::new(),
+            directory,
+            at_start,
             ledger: UnseenProbes::new(),
             last_failure: None,
             reported_unseen: false,
@@ -441,13 +454,13 @@ impl UnseenCheck {
     /// One comparison in every namespace. The caller has just read every waiting record, so
     /// kalive's counts are taken first, the kernel's after.
     fn run(&mut self, shared: &Shared) {
-        let namespaces = self.directory.all();
-        self.ledger.retain(&namespaces);
         let seen: Vec<(u32, u64)> = {
             let collected = shared.lock();
-            namespaces
+            collected
+                .table
+                .all_totals()
                 .iter()
-                .map(|&netns| (netns, collected.table.totals(netns).probes_sent))
+                .map(|(&netns, totals)| (netns, totals.probes_sent))
                 .collect()
         };
         let mut found = Vec::new();
@@ -456,7 +469,11 @@ impl UnseenCheck {
                 continue;
             };
             match netstat::keepalive_probes(handle, netns) {
-                Ok(kernel) => found.push((netns, self.ledger.compare(netns, kalive, kernel))),
+                Ok(kernel) => {
+                    let made_since_start = !self.at_start.contains(&netns);
+                    let unseen = self.ledger.compare(netns, kalive, kernel, made_since_start);
+                    found.push((netns, unseen));
+                }
                 Err(err) => {
                     let reason = err.to_string();
                     if self.last_failure.as_ref() != Some(&reason) {

@@ -9,6 +9,9 @@
 //! tracer (docs/testing.md has the measurement). This ledger makes such a loss a count instead of
 //! a silent gap: `probes_sent + probes_unseen = TCPKeepAlive` in every namespace kalive compares.
 //!
+//! A namespace made while kalive's programs were attached is compared from zero (both counters
+//! started then); one that already existed, from the counts at its first comparison.
+//!
 //! Exactness: each comparison sets the kernel's count read at the *previous* comparison against
 //! kalive's count now. Every probe counted by the kernel before that read was sent in a run that
 //! ended microseconds later, and its record has been read since, so a probe still in flight is
@@ -52,10 +55,25 @@ impl UnseenProbes {
 
     /// One comparison in namespace `netns`: `kalive` is kalive's probe count there now (after
     /// reading every waiting record), `kernel` its TcpExt TCPKeepAlive read after that. Returns
-    /// the probes newly found unseen. The first comparison of a namespace only sets its base.
-    pub fn compare(&mut self, netns: u32, kalive: u64, kernel: u64) -> u64 {
+    /// the probes newly found unseen. The first comparison of a namespace sets its base: both
+    /// counts as they are, or zero for a namespace `made_since_start` (made while kalive's
+    /// programs were attached: both counters started at 0 then).
+    pub fn compare(&mut self, netns: u32, kalive: u64, kernel: u64, made_since_start: bool) -> u64 {
         let Some(ledger) = self.namespaces.get_mut(&netns) else {
-            self.namespaces.insert(netns, Ledger::start(kernel, kalive));
+            let (kernel_base, kalive_base) = if made_since_start {
+                (0, 0)
+            } else {
+                (kernel, kalive)
+            };
+            self.namespaces.insert(
+                netns,
+                Ledger {
+                    kernel_base,
+                    kalive_base,
+                    kernel_previous: kernel,
+                    unseen: 0,
+                },
+            );
             return 0;
         };
         if kernel < ledger.kernel_previous || kalive < ledger.kalive_base {
@@ -71,17 +89,6 @@ impl UnseenProbes {
         ledger.kernel_previous = kernel;
         new
     }
-
-    /// Forgets the namespaces not in `present` (sorted): they ended.
-    pub fn retain(&mut self, present: &[u32]) {
-        self.namespaces
-            .retain(|netns, _| present.binary_search(netns).is_ok());
-    }
-
-    /// The namespaces being compared.
-    pub fn namespaces(&self) -> usize {
-        self.namespaces.len()
-    }
 }
 
 #[cfg(test)]
@@ -92,47 +99,53 @@ mod tests {
     fn probes_the_kernel_counted_and_kalive_never_saw_are_found_one_round_later() {
         let mut ledger = UnseenProbes::new();
         // The base: 100 probes before kalive compared anything (its own count there is 40).
-        assert_eq!(ledger.compare(7, 40, 100), 0);
+        assert_eq!(ledger.compare(7, 40, 100, false), 0);
         // 10 probes sent since; kalive has seen 9 of them by now, one is still in flight: the
         // kernel's count read now is not used yet.
-        assert_eq!(ledger.compare(7, 49, 110), 0);
+        assert_eq!(ledger.compare(7, 49, 110, false), 0);
         // The in-flight record arrived: all 10 seen.
-        assert_eq!(ledger.compare(7, 50, 110), 0);
+        assert_eq!(ledger.compare(7, 50, 110, false), 0);
         // 10 more, of which kalive never sees 2.
-        assert_eq!(ledger.compare(7, 50, 120), 0);
-        assert_eq!(ledger.compare(7, 58, 120), 2);
+        assert_eq!(ledger.compare(7, 50, 120, false), 0);
+        assert_eq!(ledger.compare(7, 58, 120, false), 2);
         // Found once, not again.
-        assert_eq!(ledger.compare(7, 58, 120), 0);
-        assert_eq!(ledger.compare(7, 58, 121), 0);
-        assert_eq!(ledger.compare(7, 58, 121), 1);
+        assert_eq!(ledger.compare(7, 58, 120, false), 0);
+        assert_eq!(ledger.compare(7, 58, 121, false), 0);
+        assert_eq!(ledger.compare(7, 58, 121, false), 1);
     }
 
     #[test]
     fn namespaces_are_compared_apart_and_a_reused_inode_starts_again() {
         let mut ledger = UnseenProbes::new();
-        assert_eq!(ledger.compare(1, 0, 0), 0);
-        assert_eq!(ledger.compare(2, 0, 0), 0);
-        assert_eq!(ledger.compare(1, 0, 5), 0);
-        assert_eq!(ledger.compare(2, 3, 3), 0);
-        assert_eq!(ledger.compare(1, 5, 5), 0);
-        assert_eq!(ledger.compare(2, 3, 3), 0);
+        assert_eq!(ledger.compare(1, 0, 0, false), 0);
+        assert_eq!(ledger.compare(2, 0, 0, false), 0);
+        assert_eq!(ledger.compare(1, 0, 5, false), 0);
+        assert_eq!(ledger.compare(2, 3, 3, false), 0);
+        assert_eq!(ledger.compare(1, 5, 5, false), 0);
+        assert_eq!(ledger.compare(2, 3, 3, false), 0);
         // Namespace 2 ended and a new one took its inode number: its counter starts at 0.
-        assert_eq!(ledger.compare(2, 3, 0), 0);
-        assert_eq!(ledger.compare(2, 4, 1), 0);
-        assert_eq!(ledger.compare(2, 4, 1), 0);
-        ledger.retain(&[2]);
-        assert_eq!(ledger.namespaces(), 1);
-        // Namespace 1 is gone: a new comparison there starts from a new base.
-        assert_eq!(ledger.compare(1, 9, 50), 0);
+        assert_eq!(ledger.compare(2, 3, 0, false), 0);
+        assert_eq!(ledger.compare(2, 4, 1, false), 0);
+        assert_eq!(ledger.compare(2, 4, 1, false), 0);
+    }
+
+    #[test]
+    fn a_namespace_made_since_start_counts_from_zero() {
+        let mut ledger = UnseenProbes::new();
+        // First compared with 30 probes sent, 29 of them seen: the one before the first
+        // comparison is found too.
+        assert_eq!(ledger.compare(9, 29, 30, true), 0);
+        assert_eq!(ledger.compare(9, 29, 30, true), 1);
+        assert_eq!(ledger.compare(9, 29, 30, true), 0);
     }
 
     #[test]
     fn kalive_ahead_of_the_kernel_is_not_a_negative_loss() {
         let mut ledger = UnseenProbes::new();
-        assert_eq!(ledger.compare(3, 10, 10), 0);
-        assert_eq!(ledger.compare(3, 15, 12), 0);
-        assert_eq!(ledger.compare(3, 15, 14), 0);
-        assert_eq!(ledger.compare(3, 15, 18), 0);
-        assert_eq!(ledger.compare(3, 15, 18), 3);
+        assert_eq!(ledger.compare(3, 10, 10, false), 0);
+        assert_eq!(ledger.compare(3, 15, 12, false), 0);
+        assert_eq!(ledger.compare(3, 15, 14, false), 0);
+        assert_eq!(ledger.compare(3, 15, 18, false), 0);
+        assert_eq!(ledger.compare(3, 15, 18, false), 3);
     }
 }
