@@ -130,6 +130,25 @@ impl Default for Netns {
     }
 }
 
+/// Moves the whole process (it must have one thread yet) into a new network namespace with `lo`
+/// up and the ephemeral port range widened to 1024-65535; `program` names the caller in errors.
+pub fn unshare_process(program: &str) {
+    // SAFETY: unshare with a valid flag; with a single thread, every thread started later (and
+    // every child) is in the new namespace too.
+    let rc = unsafe { libc::unshare(libc::CLONE_NEWNET) };
+    assert_eq!(
+        rc,
+        0,
+        "unshare(CLONE_NEWNET) failed: {}; run {program} as root",
+        io::Error::last_os_error()
+    );
+    loopback_up();
+    // /proc/sys/net is the namespace of the task that opens it: this one's.
+    let path = "/proc/sys/net/ipv4/ip_local_port_range";
+    std::fs::write(path, "1024 65535\n")
+        .unwrap_or_else(|err| panic!("cannot widen {path} in the new namespace: {err}"));
+}
+
 /// Sets IFF_UP on `lo` in the calling thread's namespace.
 pub fn loopback_up() {
     // SAFETY: plain socket(2); the result is checked before use.

@@ -136,7 +136,7 @@ fn parse_args() -> Options {
 
 fn main() {
     let options = parse_args();
-    enter_own_netns();
+    netns::unshare_process("churn");
 
     let listener = TcpListener::bind("127.0.0.1:0")
         .unwrap_or_else(|err| panic!("bind 127.0.0.1:0 in the new namespace: {err}"));
@@ -263,25 +263,6 @@ fn alive(client: &TcpStream) -> bool {
         matches!(client.peek(&mut byte), Err(err) if err.kind() == io::ErrorKind::WouldBlock);
     let _ = client.set_nonblocking(false);
     idle
-}
-
-/// Moves the whole process (it has one thread yet) into a new network namespace with `lo` up and
-/// the full ephemeral port range.
-fn enter_own_netns() {
-    // SAFETY: unshare with a valid flag; the process has a single thread at this point, so every
-    // thread started later is in the new namespace too.
-    let rc = unsafe { libc::unshare(libc::CLONE_NEWNET) };
-    assert_eq!(
-        rc,
-        0,
-        "unshare(CLONE_NEWNET) failed: {}; run churn as root",
-        io::Error::last_os_error()
-    );
-    netns::loopback_up();
-    // /proc/sys/net is the namespace of the task that opens it: this one's.
-    let path = "/proc/sys/net/ipv4/ip_local_port_range";
-    std::fs::write(path, "1024 65535\n")
-        .unwrap_or_else(|err| panic!("cannot widen {path} in the new namespace: {err}"));
 }
 
 /// SO_KEEPALIVE with TCP_KEEPIDLE 600 s.

@@ -45,7 +45,9 @@ pub(super) struct Start {
 /// `kalive-daemon run` as a child process.
 pub(super) struct Daemon {
     child: Child,
-    pid: u32,
+    pub(super) pid: u32,
+    /// Where it serves /metrics and the API.
+    http: SocketAddr,
     pub(super) hook_mode: String,
     pub(super) program_ids: BTreeSet<u64>,
     pub(super) start: Start,
@@ -206,6 +208,7 @@ impl Daemon {
         let mut daemon = Daemon {
             child,
             pid,
+            http,
             hook_mode,
             program_ids: BTreeSet::new(),
             start: Start {
@@ -241,6 +244,17 @@ impl Daemon {
             programs,
             kernel_records: self.log.kernel_records(),
         })
+    }
+
+    /// The body of `GET path` (an error unless 200).
+    pub(super) fn get(&self, path: &str) -> Result<String> {
+        let (status, body) = get(self.http, path)
+            .with_context(|| format!("kalive-daemon did not answer GET {path}"))?;
+        ensure!(
+            status == 200,
+            "kalive-daemon answered GET {path} with {status}: {body}"
+        );
+        Ok(body)
     }
 
     /// SIGTERM, wait for a clean exit, then check with bpftool that its programs are gone.

@@ -28,6 +28,7 @@ mod foreign;
 mod json;
 mod procfs;
 mod report;
+mod storm;
 mod workload;
 
 use std::{
@@ -48,6 +49,7 @@ use self::{
     ebpf_log::{log_round, LogResult, EBPF_LOG_LEVELS},
     foreign::{wait_for_no_foreign, Foreign},
     report::{render, write_section, Rendered, DOC},
+    storm::{storm_round, FULL, SMOKE},
     workload::{churn, CELLS, HOLD_CONNECTIONS},
 };
 use crate::{cargo, is_root, probe, run_checked, setup, show, target_dir};
@@ -98,9 +100,12 @@ pub(crate) fn bench(options: &BenchOptions) -> Result<()> {
         "kalive-testkit",
         "--bin",
         "churn",
+        "--bin",
+        "storm",
     ]))
     .context(
-        "building the churn workload (kalive-testkit) failed: fix the errors above and rerun \
+        "building the churn and storm workloads (kalive-testkit) failed: fix the errors above \
+         and rerun \
          `cargo xtask bench`",
     )?;
     let daemon_log = target_dir().join(DAEMON_LOG);
@@ -117,6 +122,7 @@ pub(crate) fn bench(options: &BenchOptions) -> Result<()> {
     let binaries = Binaries {
         daemon: target_dir().join("release/kalive-daemon"),
         churn: target_dir().join("release/churn"),
+        storm: target_dir().join("release/storm"),
         daemon_log,
     };
     programs().context("cargo xtask bench reads the programs' counters with bpftool")?;
@@ -210,6 +216,13 @@ pub(crate) fn bench(options: &BenchOptions) -> Result<()> {
     }
     stats.restore()?;
 
+    let size = if options.smoke { SMOKE } else { FULL };
+    println!(
+        "bench: probe storm ({} keepalive connections, {} with dead peers, {} s)",
+        size.connections, size.dead, size.seconds
+    );
+    let storm = storm_round(&binaries, size, clock_ticks)?;
+
     let section = render(&Rendered {
         host: &host,
         hook_mode: &hook_mode,
@@ -221,6 +234,7 @@ pub(crate) fn bench(options: &BenchOptions) -> Result<()> {
         starts: &starts,
         clocksource: &clocksource,
         foreign,
+        storm: &storm,
     });
     println!("\n{section}");
     if options.smoke {
@@ -235,6 +249,7 @@ pub(crate) fn bench(options: &BenchOptions) -> Result<()> {
 struct Binaries {
     daemon: PathBuf,
     churn: PathBuf,
+    storm: PathBuf,
     /// The file the daemons' output is appended to.
     daemon_log: PathBuf,
 }

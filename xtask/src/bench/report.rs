@@ -7,7 +7,7 @@ use anyhow::{Context, Result};
 
 use super::{
     cell_rounds::CellResult, daemon::Start, ebpf_log::LogResult, ebpf_log_report::render_log_cost,
-    foreign::Foreign, Host, HOOK_MODE,
+    foreign::Foreign, storm::StormResult, Host, HOOK_MODE,
 };
 use crate::workspace_root;
 
@@ -82,6 +82,7 @@ pub(super) struct Rendered<'a> {
     pub(super) starts: &'a [Start],
     pub(super) clocksource: &'a str,
     pub(super) foreign: Foreign,
+    pub(super) storm: &'a StormResult,
 }
 
 /// The markdown section, between its markers.
@@ -314,6 +315,7 @@ pub(super) fn render(r: &Rendered<'_>) -> String {
         median(&startup)
     );
     render_log_cost(&mut out, r);
+    r.storm.render(&mut out);
     let _ = writeln!(out, "\n{END_MARKER}");
     out
 }
