@@ -37,7 +37,8 @@ enum Task {
     /// Boot Debian kernels in QEMU and run the core scenarios in every hook mode.
     VmTest,
     /// Measure kalive's cost on this host (root): connection churn without and with the daemon,
-    /// each program's ns per run, the daemon's CPU and memory; writes docs/benchmarks.md.
+    /// each program's ns per run, the daemon's CPU and memory, a probe storm; writes
+    /// docs/benchmarks.md.
     Bench {
         /// One round of 0.5 s per cell; print the table, write nothing.
         #[arg(long, conflicts_with_all = ["rounds", "seconds"])]

@@ -17,6 +17,11 @@
 //! bpftool reports (`bytes_xlated`, `bytes_jited`) with the instructions left in kalive's log
 //! functions (`bpftool prog dump xlated`). The daemon's output goes to a file
 //! (target/xtask-bench/kalive-daemon.log), never to the terminal.
+//!
+//! Last, the probe storm (`storm.rs`, workload `kalive-testkit/src/bin/storm.rs`): 20,000
+//! keepalive connections (1,000 with `--smoke`) probing every second, a quarter with dead peers,
+//! under one daemon: its counts against the storm namespace's TcpExt, its CPU and its memory per
+//! tracked connection.
 
 mod bpf_stats;
 mod bpftool;
