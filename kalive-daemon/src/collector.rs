@@ -420,8 +420,8 @@ fn read_untracked_resets(
 }
 
 /// The comparison of kalive's probe count with the kernel's in every network namespace where
-/// kalive has counted something (`tracking::unseen`): finds the probes sent in runs kalive never
-/// saw.
+/// kalive has counted a probe (`tracking::unseen`): finds the probes sent in runs kalive never
+/// saw. Namespaces without keepalive probes cost nothing.
 struct UnseenCheck {
     /// Handles on namespaces. A full scan of /proc reads a link per thread and per open file, so
     /// it runs once at start and then only for a namespace not found yet, at most every
@@ -460,6 +460,7 @@ impl UnseenCheck {
                 .table
                 .all_totals()
                 .iter()
+                .filter(|(_, totals)| totals.probes_sent > 0)
                 .map(|(&netns, totals)| (netns, totals.probes_sent))
                 .collect()
         };
