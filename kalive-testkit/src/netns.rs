@@ -25,15 +25,8 @@ impl Netns {
     /// A new namespace with `lo` up.
     pub fn new() -> Netns {
         std::thread::spawn(|| {
-            // SAFETY: unshare with a valid flag; it changes only this thread's namespace.
-            let rc = unsafe { libc::unshare(libc::CLONE_NEWNET) };
-            assert_eq!(
-                rc,
-                0,
-                "unshare(CLONE_NEWNET) failed: {}; run as root",
-                io::Error::last_os_error()
-            );
-            loopback_up();
+            // On a thread of its own: unshare moves only the calling thread here.
+            unshare_with_loopback("the tests");
             let path = "/proc/thread-self/ns/net";
             let file = File::open(path).unwrap_or_else(|err| panic!("cannot open {path}: {err}"));
             let inum = file
@@ -133,8 +126,18 @@ impl Default for Netns {
 /// Moves the whole process (it must have one thread yet) into a new network namespace with `lo`
 /// up and the ephemeral port range widened to 1024-65535; `program` names the caller in errors.
 pub fn unshare_process(program: &str) {
-    // SAFETY: unshare with a valid flag; with a single thread, every thread started later (and
-    // every child) is in the new namespace too.
+    // With a single thread, every thread started later (and every child) is in it too.
+    unshare_with_loopback(program);
+    // /proc/sys/net is the namespace of the task that opens it: this one's.
+    let path = "/proc/sys/net/ipv4/ip_local_port_range";
+    std::fs::write(path, "1024 65535\n")
+        .unwrap_or_else(|err| panic!("cannot widen {path} in the new namespace: {err}"));
+}
+
+/// Moves the calling thread into a new network namespace and sets `lo` up there; `program` names
+/// who needs root in the error.
+fn unshare_with_loopback(program: &str) {
+    // SAFETY: unshare with a valid flag; it changes only the calling thread's namespace.
     let rc = unsafe { libc::unshare(libc::CLONE_NEWNET) };
     assert_eq!(
         rc,
@@ -143,10 +146,6 @@ pub fn unshare_process(program: &str) {
         io::Error::last_os_error()
     );
     loopback_up();
-    // /proc/sys/net is the namespace of the task that opens it: this one's.
-    let path = "/proc/sys/net/ipv4/ip_local_port_range";
-    std::fs::write(path, "1024 65535\n")
-        .unwrap_or_else(|err| panic!("cannot widen {path} in the new namespace: {err}"));
 }
 
 /// Sets IFF_UP on `lo` in the calling thread's namespace.

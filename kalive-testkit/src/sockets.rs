@@ -79,6 +79,28 @@ pub fn connected_pair(listener: &TcpListener) -> (TcpStream, TcpStream) {
     (client, server)
 }
 
+/// `count` connected (client, accepted server) pairs to `listener`, opened evenly over `over`
+/// (the n-th n gaps after the first, so keepalive timers armed on them are spread over it, not
+/// bunched); `prepare` sets up the n-th client as soon as it is connected.
+pub fn spread_pairs(
+    listener: &TcpListener,
+    count: usize,
+    over: Duration,
+    mut prepare: impl FnMut(usize, &TcpStream),
+) -> Vec<(TcpStream, TcpStream)> {
+    let gap = over / u32::try_from(count.max(1)).unwrap_or(u32::MAX);
+    let started = Instant::now();
+    (0..count)
+        .map(|at| {
+            let due = started + gap * u32::try_from(at).unwrap_or(u32::MAX);
+            std::thread::sleep(due.saturating_duration_since(Instant::now()));
+            let (client, server) = connected_pair(listener);
+            prepare(at, &client);
+            (client, server)
+        })
+        .collect()
+}
+
 /// A classic BPF filter that drops everything this socket receives: its peer's ACKs never
 /// arrive, as if the peer had died.
 pub fn drop_all_inbound(stream: &TcpStream) {

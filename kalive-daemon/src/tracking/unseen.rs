@@ -32,10 +32,11 @@ struct Ledger {
 }
 
 impl Ledger {
-    fn start(kernel: u64, kalive: u64) -> Ledger {
+    /// A comparison from these bases, the kernel's count being `kernel` now.
+    fn start(kernel_base: u64, kalive_base: u64, kernel: u64) -> Ledger {
         Ledger {
-            kernel_base: kernel,
-            kalive_base: kalive,
+            kernel_base,
+            kalive_base,
             kernel_previous: kernel,
             unseen: 0,
         }
@@ -60,25 +61,17 @@ impl UnseenProbes {
     /// programs were attached: both counters started at 0 then).
     pub fn compare(&mut self, netns: u32, kalive: u64, kernel: u64, made_since_start: bool) -> u64 {
         let Some(ledger) = self.namespaces.get_mut(&netns) else {
-            let (kernel_base, kalive_base) = if made_since_start {
-                (0, 0)
+            let ledger = if made_since_start {
+                Ledger::start(0, 0, kernel)
             } else {
-                (kernel, kalive)
+                Ledger::start(kernel, kalive, kernel)
             };
-            self.namespaces.insert(
-                netns,
-                Ledger {
-                    kernel_base,
-                    kalive_base,
-                    kernel_previous: kernel,
-                    unseen: 0,
-                },
-            );
+            self.namespaces.insert(netns, ledger);
             return 0;
         };
         if kernel < ledger.kernel_previous || kalive < ledger.kalive_base {
             // A counter went backwards: a new namespace has the old one's inode number.
-            *ledger = Ledger::start(kernel, kalive);
+            *ledger = Ledger::start(kernel, kalive, kernel);
             return 0;
         }
         let kernel_sent = ledger.kernel_previous - ledger.kernel_base;

@@ -219,21 +219,15 @@ fn hold(count: usize) -> Held {
     sockets::raise_fd_limit(2 * count as u64 + 1024);
     let listener = TcpListener::bind("127.0.0.1:0")
         .unwrap_or_else(|err| panic!("bind the held connections' listener: {err}"));
-    let mut held = Held {
-        clients: Vec::with_capacity(count),
-        _servers: Vec::with_capacity(count),
+    let (clients, servers) = sockets::spread_pairs(&listener, count, HOLD_SPREAD, |_, client| {
+        sockets::enable_keepalive(client, Some(HOLD_KEEPALIVE));
+    })
+    .into_iter()
+    .unzip();
+    let held = Held {
+        clients,
+        _servers: servers,
     };
-    let gap = HOLD_SPREAD / u32::try_from(count).unwrap_or(u32::MAX);
-    let started = Instant::now();
-    for at in 0..count {
-        // Evenly spread: the n-th connection opens n gaps after the first.
-        let due = started + gap * u32::try_from(at).unwrap_or(u32::MAX);
-        std::thread::sleep(due.saturating_duration_since(Instant::now()));
-        let (client, server) = sockets::connected_pair(&listener);
-        sockets::enable_keepalive(&client, Some(HOLD_KEEPALIVE));
-        held.clients.push(client);
-        held._servers.push(server);
-    }
     std::thread::sleep(HOLD_WARMUP);
     println!("{{\"ready\":true,\"held\":{count}}}");
     io::stdout()

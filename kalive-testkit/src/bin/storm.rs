@@ -254,21 +254,15 @@ fn worker(count: usize, dead: usize) {
     sockets::raise_fd_limit(2 * count as u64 + 64);
     let listener = TcpListener::bind("127.0.0.1:0")
         .unwrap_or_else(|err| panic!("bind a storm worker's listener: {err}"));
-    let mut clients: Vec<TcpStream> = Vec::with_capacity(count);
-    let mut servers: Vec<TcpStream> = Vec::with_capacity(count);
-    let gap = SPREAD / u32::try_from(count).unwrap_or(u32::MAX);
-    let started = Instant::now();
-    for at in 0..count {
-        let due = started + gap * u32::try_from(at).unwrap_or(u32::MAX);
-        std::thread::sleep(due.saturating_duration_since(Instant::now()));
-        let (client, server) = sockets::connected_pair(&listener);
-        if at < dead {
-            sockets::drop_all_inbound(&client);
-        }
-        sockets::enable_keepalive(&client, Some(KEEPALIVE));
-        clients.push(client);
-        servers.push(server);
-    }
+    let (clients, servers): (Vec<TcpStream>, Vec<TcpStream>) =
+        sockets::spread_pairs(&listener, count, SPREAD, |at, client| {
+            if at < dead {
+                sockets::drop_all_inbound(client);
+            }
+            sockets::enable_keepalive(client, Some(KEEPALIVE));
+        })
+        .into_iter()
+        .unzip();
     let mut stdout = io::stdout().lock();
     let mut stdin = io::stdin().lock();
     writeln!(stdout, "{{\"ready\":true}}")

@@ -106,7 +106,7 @@ pub(super) fn storm_round(
     let started = Instant::now();
     let ticks_before = cpu_ticks(daemon.pid)?;
     std::thread::sleep(Duration::from_secs(size.seconds) / 2);
-    let tracked_mid = status_number(&daemon, "connections")?;
+    let tracked_mid = status_field(&daemon.get("/api/v1/status")?, "connections")?;
     let (rss_mid_kb, _) = memory(daemon.pid)?;
     let result = line()?;
     let ticks = cpu_ticks(daemon.pid)?.saturating_sub(ticks_before);
@@ -129,11 +129,7 @@ pub(super) fn storm_round(
         }
         std::thread::sleep(Duration::from_millis(200));
     };
-    let field = |key: &str| -> Result<u64> {
-        json_number(&status, key)
-            .map(|value| value as u64)
-            .with_context(|| format!("/api/v1/status has no {key}: {status:?}"))
-    };
+    let field = |key: &str| status_field(&status, key);
     let measured = StormResult {
         size,
         processes,
@@ -160,9 +156,9 @@ pub(super) fn storm_round(
     Ok(measured)
 }
 
-fn status_number(daemon: &Daemon, key: &str) -> Result<u64> {
-    let status = daemon.get("/api/v1/status")?;
-    json_number(&status, key)
+/// The number `key` of an /api/v1/status answer.
+fn status_field(status: &str, key: &str) -> Result<u64> {
+    json_number(status, key)
         .map(|value| value as u64)
         .with_context(|| format!("/api/v1/status has no {key}: {status:?}"))
 }
