@@ -4,6 +4,7 @@
 use std::{
     io::{Read as _, Write as _},
     net::{SocketAddr, TcpStream},
+    os::fd::FromRawFd as _,
     sync::Arc,
     time::Duration,
 };
@@ -88,6 +89,48 @@ impl Server {
         stream
             .set_read_timeout(Some(Duration::from_secs(10)))
             .expect("read timeout");
+        stream
+    }
+
+    /// A connection whose receive buffer is `receive_buffer` bytes (set before connecting, so
+    /// the kernel does not grow it): a client that reads nothing stalls a large answer.
+    pub fn connect_small_window(&self, receive_buffer: libc::c_int) -> TcpStream {
+        let SocketAddr::V4(addr) = self.addr else {
+            panic!("the test server listens on IPv4, not {}", self.addr);
+        };
+        // SAFETY: a new descriptor, owned by `stream` from here on (closed on any panic).
+        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+        assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+        // SAFETY: as above.
+        let stream = unsafe { TcpStream::from_raw_fd(fd) };
+        // SAFETY: a c_int option value of the size given.
+        let set = unsafe {
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_RCVBUF,
+                (&raw const receive_buffer).cast(),
+                size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(set, 0, "SO_RCVBUF: {}", std::io::Error::last_os_error());
+        let peer = libc::sockaddr_in {
+            sin_family: libc::AF_INET as libc::sa_family_t,
+            sin_port: addr.port().to_be(),
+            sin_addr: libc::in_addr {
+                s_addr: u32::from(*addr.ip()).to_be(),
+            },
+            sin_zero: [0; 8],
+        };
+        // SAFETY: a sockaddr_in of the size given.
+        let connected = unsafe {
+            libc::connect(
+                fd,
+                (&raw const peer).cast(),
+                size_of::<libc::sockaddr_in>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(connected, 0, "connect: {}", std::io::Error::last_os_error());
         stream
     }
 

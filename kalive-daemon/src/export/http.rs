@@ -2,17 +2,27 @@
 //! TLS and basic auth from `--web.config.file`.
 //!
 //! Hardening (`Limits`): one request at a time per connection and at most `max_connections`
-//! connections (more are answered 503 and closed); request headers must arrive within
+//! connections. At the cap a new connection takes the slot of one that is not using it (no
+//! request in progress, or a response its reader has left waiting longer than
+//! `response_timeout`; see `http_slots`), so idle and half-sent connections cannot lock
+//! Prometheus out; only when every slot is answering a request is it answered 503 and closed.
+//! Request headers must arrive within
 //! `header_timeout` and fit in `MAX_HEADER_BYTES` (else hyper answers 431 or closes the
 //! connection); a connection lives at most `connection_lifetime` (then closes gracefully) and a
 //! TLS handshake gets `handshake_timeout`. Only GET and HEAD are served; nothing a client sends
 //! can panic the daemon.
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+    time::{Duration, Instant},
+};
 
-use http_body_util::Full;
 use hyper::{
-    body::{Bytes, Incoming},
+    body::{Body, Bytes, Frame, Incoming, SizeHint},
     header::{self, HeaderValue},
     server::conn::http1,
     service::service_fn,
@@ -22,7 +32,6 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::{
     io::{AsyncRead, AsyncWrite, AsyncWriteExt as _},
     net::{TcpListener, TcpStream},
-    sync::Semaphore,
 };
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
@@ -31,6 +40,7 @@ use crate::{
     collector::Shared,
     export::{
         api::{self, Clock, ConnectionsQuery, EventsQuery},
+        http_slots::{Admission, RequestInProgress, Slot, Slots},
         web_config::WebConfig,
     },
 };
@@ -41,8 +51,12 @@ pub const MAX_HEADER_BYTES: usize = 16 * 1024;
 /// The server's limits. `Default` is what the daemon uses; tests shorten the timeouts.
 #[derive(Clone, Copy, Debug)]
 pub struct Limits {
-    /// Connections served at once (one request at a time each); more are answered 503.
+    /// Connections open at once (one request at a time each). At the cap a newcomer takes the
+    /// slot of a connection without a request in progress; with none, it is answered 503.
     pub max_connections: usize,
+    /// A response whose reader has not taken it within this no longer protects its
+    /// connection's slot.
+    pub response_timeout: Duration,
     /// A request's headers must arrive within this.
     pub header_timeout: Duration,
     /// A connection is closed (gracefully) after this long.
@@ -56,6 +70,7 @@ impl Default for Limits {
     fn default() -> Self {
         Limits {
             max_connections: 64,
+            response_timeout: Duration::from_secs(30),
             header_timeout: Duration::from_secs(10),
             connection_lifetime: Duration::from_secs(120),
             handshake_timeout: Duration::from_secs(10),
@@ -96,7 +111,7 @@ pub async fn bind(addr: SocketAddr) -> Result<TcpListener, HttpError> {
 pub async fn serve(listener: TcpListener, context: Arc<ServerContext>, cancel: CancellationToken) {
     let tls = context.web.tls.clone().map(TlsAcceptor::from);
     let limits = context.limits;
-    let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let slots = Slots::new(limits.max_connections, limits.response_timeout);
     loop {
         let (stream, peer) = tokio::select! {
             () = cancel.cancelled() => return,
@@ -110,28 +125,41 @@ pub async fn serve(listener: TcpListener, context: Arc<ServerContext>, cancel: C
                 }
             },
         };
-        let Ok(slot) = slots.clone().try_acquire_owned() else {
-            tokio::spawn(refuse_busy(stream, tls.is_some(), limits.max_connections));
-            continue;
+        let slot = match slots.admit(peer.ip(), Instant::now()) {
+            Admission::Admitted(slot) => Arc::new(slot),
+            Admission::Full => {
+                tokio::spawn(refuse_busy(stream, tls.is_some(), slots.capacity()));
+                continue;
+            }
         };
         let context = context.clone();
         let tls = tls.clone();
         let cancel = cancel.clone();
         tokio::spawn(async move {
-            let _slot = slot;
-            match tls {
-                None => serve_connection(TokioIo::new(stream), context, cancel).await,
-                Some(acceptor) => {
-                    match tokio::time::timeout(limits.handshake_timeout, acceptor.accept(stream))
+            let evicted = slot.evicted().clone();
+            let served = async {
+                match tls {
+                    None => serve_connection(TokioIo::new(stream), context, slot, cancel).await,
+                    Some(acceptor) => {
+                        match tokio::time::timeout(
+                            limits.handshake_timeout,
+                            acceptor.accept(stream),
+                        )
                         .await
-                    {
-                        Ok(Ok(stream)) => {
-                            serve_connection(TokioIo::new(stream), context, cancel).await;
+                        {
+                            Ok(Ok(stream)) => {
+                                serve_connection(TokioIo::new(stream), context, slot, cancel).await;
+                            }
+                            Ok(Err(err)) => log::debug!("TLS handshake with {peer} failed: {err}"),
+                            Err(_) => log::debug!("TLS handshake with {peer} timed out"),
                         }
-                        Ok(Err(err)) => log::debug!("TLS handshake with {peer} failed: {err}"),
-                        Err(_) => log::debug!("TLS handshake with {peer} timed out"),
                     }
                 }
+            };
+            // Taken by a newcomer: drop the connection (closing it) at once.
+            tokio::select! {
+                () = served => {}
+                () = evicted.cancelled() => {}
             }
         });
     }
@@ -142,8 +170,10 @@ async fn refuse_busy(mut stream: TcpStream, tls: bool, max_connections: usize) {
     if tls {
         return;
     }
-    let body =
-        format!("kalive-daemon is serving {max_connections} connections already; retry shortly\n");
+    let body = format!(
+        "kalive-daemon is answering {max_connections} requests already (the most it serves at \
+         once); retry shortly\n"
+    );
     let response = format!(
         "HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain; charset=utf-8\r\n\
          retry-after: 1\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{body}",
@@ -156,14 +186,25 @@ async fn refuse_busy(mut stream: TcpStream, tls: bool, max_connections: usize) {
     .await;
 }
 
-async fn serve_connection<I>(io: TokioIo<I>, context: Arc<ServerContext>, cancel: CancellationToken)
-where
+async fn serve_connection<I>(
+    io: TokioIo<I>,
+    context: Arc<ServerContext>,
+    slot: Arc<Slot>,
+    cancel: CancellationToken,
+) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let limits = context.limits;
     let service = service_fn(move |request| {
         let context = context.clone();
-        async move { Ok::<_, std::convert::Infallible>(handle(&context, request).await) }
+        let in_progress = slot.request_started();
+        async move {
+            let response = handle(&context, request).await;
+            Ok::<_, Infallible>(response.map(|remaining| AnswerBody {
+                remaining,
+                in_progress: Some(in_progress),
+            }))
+        }
     });
     let connection = http1::Builder::new()
         .timer(TokioTimer::new())
@@ -187,10 +228,47 @@ where
     }
 }
 
-type Answer = Response<Full<Bytes>>;
+type Answer = Response<Bytes>;
+
+/// The most of a response handed to hyper at once. hyper asks for the next piece only when
+/// its write buffer has room, so a response still being written keeps its slot.
+const ANSWER_PIECE_BYTES: usize = 64 * 1024;
+
+/// A response body that keeps its connection's slot (`RequestInProgress`) until all of it but
+/// the last piece has gone to the socket.
+struct AnswerBody {
+    remaining: Bytes,
+    in_progress: Option<RequestInProgress>,
+}
+
+impl Body for AnswerBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        if self.remaining.is_empty() {
+            self.in_progress = None;
+            return Poll::Ready(None);
+        }
+        let piece = self.remaining.len().min(ANSWER_PIECE_BYTES);
+        let piece = self.remaining.split_to(piece);
+        Poll::Ready(Some(Ok(Frame::data(piece))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.remaining.is_empty()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::with_exact(self.remaining.len() as u64)
+    }
+}
 
 fn answer(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Answer {
-    let mut response = Response::new(Full::new(body.into()));
+    let mut response = Response::new(body.into());
     *response.status_mut() = status;
     response
         .headers_mut()
@@ -250,7 +328,7 @@ async fn handle(context: &ServerContext, request: Request<Incoming>) -> Answer {
         }
     }
     if request.method() == Method::HEAD {
-        *response.body_mut() = Full::new(Bytes::new());
+        *response.body_mut() = Bytes::new();
     }
     response
 }
@@ -309,7 +387,7 @@ fn route(context: &ServerContext, path: &str, query: Option<&str>) -> Answer {
         }
         "/healthz" => {
             let collected = context.shared.lock();
-            match collected.health.check(std::time::Instant::now()) {
+            match collected.health.check(Instant::now()) {
                 Ok(()) => text(
                     StatusCode::OK,
                     format!(
@@ -329,7 +407,7 @@ fn route(context: &ServerContext, path: &str, query: Option<&str>) -> Answer {
 }
 
 fn metrics(context: &ServerContext) -> Answer {
-    let started = std::time::Instant::now();
+    let started = Instant::now();
     let families = {
         let collected = context.shared.lock();
         let up = collected.health.check(started).is_ok();

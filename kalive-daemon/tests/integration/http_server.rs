@@ -144,22 +144,80 @@ fn slow_and_idle_clients_time_out_while_scrapes_succeed() {
     );
 }
 
+/// True once the server has closed `stream` (end of file or a reset), without waiting.
+fn closed_by_server(mut stream: &TcpStream) -> bool {
+    let mut byte = [0u8; 1];
+    stream.set_nonblocking(true).expect("nonblocking");
+    let closed = match stream.read(&mut byte) {
+        Ok(0) => true,
+        Ok(_) => false,
+        Err(err) => err.kind() != std::io::ErrorKind::WouldBlock,
+    };
+    stream.set_nonblocking(false).expect("blocking");
+    closed
+}
+
 #[test]
-fn connections_over_the_cap_are_told_to_retry() {
-    // The default header timeout (10 s) keeps the idle connections for the whole test.
+fn idle_and_half_sent_connections_cannot_lock_out_scrapes() {
+    // The daemon's own limits: 64 connections, 10 s for a request's headers, so nothing here
+    // times out on its own during the test.
+    let limits = Limits::default();
+    let server = Server::start(synthetic::table_with(10), WebConfig::default(), limits);
+    let mut held: Vec<TcpStream> = (0..200).map(|_| server.connect()).collect();
+    for _ in 0..20 {
+        let mut half_sent = server.connect();
+        half_sent
+            .write_all(b"GET /metrics HTTP/1.1\r\nhost: kalive\r\n")
+            .expect("send");
+        held.push(half_sent);
+    }
+    for _ in 0..5 {
+        assert_scrape_works(&server);
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // Every scrape took the slot of a connection that was not using it: the server holds at
+    // most its cap of the 220, and closed the rest.
+    let most_open = limits.max_connections;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let still_open = held
+            .iter()
+            .filter(|stream| !closed_by_server(stream))
+            .count();
+        if still_open <= most_open {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{still_open} of the 220 held connections still open, cap {most_open}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn connections_over_the_cap_wait_only_for_requests_in_progress() {
     let limits = Limits {
-        max_connections: 8,
+        max_connections: 4,
         ..Limits::default()
     };
-    let server = Server::start(synthetic::table_with(10), WebConfig::default(), limits);
-    let idle: Vec<TcpStream> = (0..limits.max_connections)
-        .map(|_| server.connect())
+    let server = Server::start(synthetic::table_with(10_000), WebConfig::default(), limits);
+    // Clients that ask for every connection (several MB) and read nothing: their answers stay
+    // in progress, and those slots are not taken away.
+    let stalled: Vec<TcpStream> = (0..limits.max_connections)
+        .map(|_| {
+            let mut stream = server.connect_small_window(4096);
+            stream
+                .write_all(b"GET /api/v1/connections?limit=100000 HTTP/1.1\r\nhost: kalive\r\n\r\n")
+                .expect("send");
+            stream
+        })
         .collect();
-    std::thread::sleep(Duration::from_millis(200));
+    std::thread::sleep(Duration::from_millis(500));
     let (status, answer) = server.get("/metrics");
     assert_eq!(status, 503, "{answer}");
     assert!(
-        answer.contains("serving 8 connections already; retry shortly"),
+        answer.contains("answering 4 requests already (the most it serves at once); retry shortly"),
         "{answer}"
     );
     assert!(
@@ -167,7 +225,7 @@ fn connections_over_the_cap_are_told_to_retry() {
         "{answer}"
     );
     // Slots come back when their clients leave.
-    drop(idle);
+    drop(stalled);
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
         let (status, answer) = server.get("/metrics");
