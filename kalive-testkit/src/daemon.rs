@@ -6,7 +6,7 @@ use std::{
     time::Duration,
 };
 
-/// The real `kalive-daemon run` binary, started with `args` after `run --listen 127.0.0.1:0`,
+/// The real `kalive-daemon run` binary, started with `args` after `run --web.listen-address 127.0.0.1:0`,
 /// stopped with SIGTERM on drop. Its log lines arrive on `lines`, stamped on arrival.
 pub struct DaemonProcess {
     _child: KillOnDrop,
@@ -21,7 +21,7 @@ impl DaemonProcess {
     pub fn start(binary: &str, args: &[&str]) -> DaemonProcess {
         use std::io::BufRead as _;
         let mut child = Command::new(binary)
-            .args(["run", "--listen", "127.0.0.1:0"])
+            .args(["run", "--web.listen-address", "127.0.0.1:0"])
             .args(args)
             .env("RUST_LOG", "info")
             .stderr(std::process::Stdio::piped())

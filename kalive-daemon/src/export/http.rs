@@ -83,7 +83,7 @@ impl Default for Limits {
 pub enum HttpError {
     #[error(
         "cannot listen on {addr}: {source}. Another process may hold the port (`ss -ltnp`); \
-         choose another with --listen"
+         choose another with --web.listen-address"
     )]
     Bind {
         addr: SocketAddr,

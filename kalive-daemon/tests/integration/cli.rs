@@ -21,7 +21,8 @@ fn help_lists_run_and_its_options() {
         "tracepoint",
         "--history",
         "--quiet-probes",
-        "--listen",
+        "--web.listen-address <ADDR>",
+        "[alias: --listen]",
         "127.0.0.1:9977",
         "--web.config.file",
         "--labels",
@@ -82,9 +83,15 @@ fn run_with(args: &[&str]) -> (Option<i32>, String) {
 
 #[test]
 fn http_options_are_checked_before_anything_loads() {
-    let (code, text) = run_with(&["--listen", "localhost"]);
-    assert_eq!(code, Some(2), "{text}");
-    assert!(text.contains("--listen"), "{text}");
+    // Prometheus exporters' name for the option and kalive's older one are the same option.
+    for option in ["--web.listen-address", "--listen"] {
+        let (code, text) = run_with(&[option, "localhost"]);
+        assert_eq!(code, Some(2), "{text}");
+        assert!(
+            text.contains("invalid value 'localhost' for '--web.listen-address <ADDR>'"),
+            "{text}"
+        );
+    }
 
     let (code, text) = run_with(&["--labels", "pid"]);
     assert_eq!(code, Some(2), "{text}");
@@ -119,12 +126,15 @@ fn http_options_are_checked_before_anything_loads() {
     // A port someone else holds: the error says so and how to choose another.
     let holder = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let port = holder.local_addr().expect("address").to_string();
-    let (code, text) = run_with(&["--listen", &port]);
-    assert_eq!(code, Some(1), "{text}");
-    assert!(
-        text.contains(&format!("cannot listen on {port}")) && text.contains("--listen"),
-        "{text}"
-    );
+    for option in ["--web.listen-address", "--listen"] {
+        let (code, text) = run_with(&[option, &port]);
+        assert_eq!(code, Some(1), "{text}");
+        assert!(
+            text.contains(&format!("cannot listen on {port}"))
+                && text.contains("choose another with --web.listen-address"),
+            "{text}"
+        );
+    }
 }
 
 #[test]

@@ -27,7 +27,12 @@ use crate::DAEMON as BIN;
 /// Starts `kalive-daemon run` on a free port; returns it and its http://ADDR.
 fn start_daemon() -> (KillOnDrop, String) {
     let mut child = Command::new(BIN)
-        .args(["run", "--listen", "127.0.0.1:0", "--quiet-probes"])
+        .args([
+            "run",
+            "--web.listen-address",
+            "127.0.0.1:0",
+            "--quiet-probes",
+        ])
         .env("RUST_LOG", "info")
         .stderr(Stdio::piped())
         .spawn()

@@ -108,12 +108,18 @@ impl Daemon {
     /// /healthz; then reads its memory at rest. Its output is appended to `binaries.daemon_log`.
     pub(super) fn start(binaries: &Binaries, ebpf_log: &str) -> Result<Daemon> {
         let mut cmd = Command::new(&binaries.daemon);
-        cmd.args(["run", "--hook-mode", HOOK_MODE, "--listen", "127.0.0.1:0"])
-            .args(["--quiet-probes", "--ebpf-log", ebpf_log])
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
+        cmd.args([
+            "run",
+            "--hook-mode",
+            HOOK_MODE,
+            "--web.listen-address",
+            "127.0.0.1:0",
+        ])
+        .args(["--quiet-probes", "--ebpf-log", ebpf_log])
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
         let shown = show(&cmd);
         let path = &binaries.daemon_log;
         let mut file = fs::OpenOptions::new()

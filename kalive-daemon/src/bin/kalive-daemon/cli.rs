@@ -93,9 +93,15 @@ pub(crate) struct RunArgs {
     #[arg(long, default_value = "off", value_parser = ebpf_log_parser())]
     pub(crate) ebpf_log: EbpfLogLevel,
 
-    /// Address and port of the HTTP server (/metrics, /api/v1/..., /healthz). Port 0 picks a free
-    /// port (logged at start).
-    #[arg(long, default_value = DEFAULT_LISTEN)]
+    /// Address and port of the HTTP server (/metrics, /api/v1/..., /healthz), named as in
+    /// Prometheus exporters; `--listen` is the same option. Port 0 picks a free port (logged at
+    /// start).
+    #[arg(
+        long = "web.listen-address",
+        visible_alias = "listen",
+        value_name = "ADDR",
+        default_value = DEFAULT_LISTEN
+    )]
     pub(crate) listen: SocketAddr,
 
     /// TLS and basic auth settings, in the Prometheus exporter-toolkit web-config format.
