@@ -19,10 +19,18 @@ impl DaemonProcess {
     /// Starts `binary` (the test's `env!("CARGO_BIN_EXE_kalive-daemon")`) and waits until it
     /// serves.
     pub fn start(binary: &str, args: &[&str]) -> DaemonProcess {
-        use std::io::BufRead as _;
-        let mut child = Command::new(binary)
+        let mut command = Command::new(binary);
+        command
             .args(["run", "--web.listen-address", "127.0.0.1:0"])
-            .args(args)
+            .args(args);
+        DaemonProcess::start_command(command)
+    }
+
+    /// Starts `command`, which runs `kalive-daemon run --web.listen-address 127.0.0.1:0 ...`
+    /// (through a wrapper such as setpriv), and waits until it serves.
+    pub fn start_command(mut command: Command) -> DaemonProcess {
+        use std::io::BufRead as _;
+        let mut child = command
             .env("RUST_LOG", "info")
             .stderr(std::process::Stdio::piped())
             .spawn()
@@ -88,6 +96,25 @@ impl DaemonProcess {
             Err(err) => panic!("GET {url}: {err}"),
         }
     }
+}
+
+/// The sum of the samples of metric `name` whose labels contain every `label="value"` of `with`.
+pub fn metric_sum(exposition: &str, name: &str, with: &[&str]) -> u64 {
+    exposition
+        .lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter(|line| {
+            line.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with(['{', ' ']))
+        })
+        .filter(|line| with.iter().all(|label| line.contains(label)))
+        .map(|line| {
+            let value = line.rsplit(' ').next().unwrap_or_default();
+            value
+                .parse::<f64>()
+                .unwrap_or_else(|_| panic!("not a number: {line}")) as u64
+        })
+        .sum()
 }
 
 /// `promtool check metrics` on an exposition: it must pass without a single warning.

@@ -11,7 +11,8 @@ const KNOWN_HZ: [u32; 6] = [100, 250, 300, 1000, 24, 48];
 #[derive(Debug, thiserror::Error)]
 #[error(
     "cannot tell the kernel's tick rate (CONFIG_HZ): no /boot/config-<release> and no readable \
-     /proc/timer_list ({0}). Run as root, or install the kernel's config file"
+     /proc/timer_list ({0}). Install the kernel's config file as /boot/config-<release>, or run as \
+     root or with CAP_DAC_READ_SEARCH (to read /proc/timer_list)"
 )]
 pub struct HzError(String);
 

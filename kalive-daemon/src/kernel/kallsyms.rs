@@ -10,8 +10,8 @@ pub enum KallsymsError {
     #[error("{symbol} is not in {KALLSYMS}: this kernel has no TCP keepalive timer kalive knows")]
     Missing { symbol: String },
     #[error(
-        "{KALLSYMS} hides addresses (all zero): run kalive as root, or set \
-         `sysctl kernel.kptr_restrict=0` if root is not enough"
+        "{KALLSYMS} hides addresses from this process (all zero): run kalive as root or give it \
+         CAP_SYSLOG; with `kernel.kptr_restrict=2` nobody sees them (set it to 1)"
     )]
     Hidden,
 }

@@ -13,7 +13,7 @@ use crate::kernel::{
     ebpf_log::EbpfLogLevel,
     hz::{kernel_hz, HzError},
     kallsyms::{function_address, KallsymsError},
-    privileges::{has_bpf_capabilities, is_root},
+    privileges::missing_required,
     procfs::ephemeral_ports,
     units::KernelUnits,
 };
@@ -243,10 +243,14 @@ impl Default for LoadOptions {
 /// Loads the programs with this kernel's layouts and attaches them in the requested mode.
 pub fn load_and_attach(options: LoadOptions) -> Result<Loaded, LoadError> {
     let requested = options.hook_mode;
-    if !is_root() && !has_bpf_capabilities() {
-        return Err(LoadError::NotPrivileged(
-            "the current user has neither root nor CAP_BPF+CAP_PERFMON; run with sudo".to_owned(),
-        ));
+    let missing = missing_required();
+    if !missing.is_empty() {
+        let names: Vec<&str> = missing.iter().map(|capability| capability.name).collect();
+        return Err(LoadError::NotPrivileged(format!(
+            "this process lacks {}. Run it as root, or grant the capabilities (systemd: \
+             AmbientCapabilities=CAP_BPF CAP_PERFMON; `kalive-daemon check` lists them all)",
+            names.join(" and ")
+        )));
     }
     let types = KernelTypes::from_running_kernel()?;
     let sock_layout = types.sock_layout()?;

@@ -21,6 +21,33 @@ fn parse_port_range(text: &str) -> Option<RangeInclusive<u16>> {
     }
 }
 
+/// net.ipv4.tcp_keepalive_time, _intvl (seconds) and _probes of the daemon's network namespace:
+/// what a socket without its own TCP_KEEPIDLE, TCP_KEEPINTVL and TCP_KEEPCNT uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KeepaliveSysctls {
+    pub time_seconds: u32,
+    pub interval_seconds: u32,
+    pub probes: u32,
+}
+
+pub fn keepalive_sysctls() -> std::io::Result<KeepaliveSysctls> {
+    let read = |name: &str| -> std::io::Result<u32> {
+        let path = format!("/proc/sys/net/ipv4/{name}");
+        let text = std::fs::read_to_string(&path)?;
+        text.trim().parse().map_err(|_| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("{path} holds {:?}, not a number", text.trim()),
+            )
+        })
+    };
+    Ok(KeepaliveSysctls {
+        time_seconds: read("tcp_keepalive_time")?,
+        interval_seconds: read("tcp_keepalive_intvl")?,
+        probes: read("tcp_keepalive_probes")?,
+    })
+}
+
 /// The running kernel's release, as `uname -r` prints it.
 pub fn kernel_release() -> String {
     std::fs::read_to_string("/proc/sys/kernel/osrelease").map_or_else(

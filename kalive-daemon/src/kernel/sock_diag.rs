@@ -198,7 +198,8 @@ pub struct TcpSocketState {
 pub enum SockDiagError {
     #[error(
         "no handle on network namespace {netns} was found in /proc or /run/netns: it has ended, \
-         or it is held only by processes this daemon may not inspect (run as root)"
+         or it is held only by processes this daemon may not inspect (run as root, or grant \
+         CAP_SYS_PTRACE for /proc/PID/ns/net and CAP_DAC_READ_SEARCH for /run/netns)"
     )]
     /// No handle on the namespace (by inode number) could be found.
     NamespaceNotFound { netns: u32 },

@@ -11,6 +11,7 @@ mod churn;
 mod cli;
 mod daemon_binary;
 mod http_server;
+mod least_privilege;
 mod metrics_vs_kernel;
 mod overflow;
 mod privileged;

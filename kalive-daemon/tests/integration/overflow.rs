@@ -8,7 +8,7 @@
 use std::time::{Duration, Instant};
 
 use kalive_testkit::{
-    daemon::{assert_probes_seen, DaemonProcess},
+    daemon::{assert_probes_seen, metric_sum, DaemonProcess},
     netns::Netns,
     privilege::privileged,
     proc_net::{counter_delta, tcp_ext},
@@ -18,25 +18,6 @@ use kalive_testkit::{
 use crate::DAEMON;
 
 const CONNECTIONS: usize = 400;
-
-/// The sum of the samples of metric `name` whose labels contain every `label="value"` of `with`.
-fn metric_sum(exposition: &str, name: &str, with: &[&str]) -> u64 {
-    exposition
-        .lines()
-        .filter(|line| !line.starts_with('#'))
-        .filter(|line| {
-            line.strip_prefix(name)
-                .is_some_and(|rest| rest.starts_with(['{', ' ']))
-        })
-        .filter(|line| with.iter().all(|label| line.contains(label)))
-        .map(|line| {
-            let value = line.rsplit(' ').next().unwrap_or_default();
-            value
-                .parse::<f64>()
-                .unwrap_or_else(|_| panic!("not a number: {line}")) as u64
-        })
-        .sum()
-}
 
 #[test]
 fn a_stalled_reader_loses_nothing_uncounted() {

@@ -35,6 +35,10 @@ pub(crate) enum Command {
     Run(RunArgs),
     /// Live view of a running daemon: connections, probes and outcomes as they happen.
     Top(TopArgs),
+    /// Whether `run` with these options would work on this host: kernel, BTF, capabilities,
+    /// each hook mode (tried for real), keepalive sysctls, listen address, web config. Exits 0
+    /// only if it would.
+    Check(RunArgs),
 }
 
 /// `--hook-mode`: the library's names, with its help for each.

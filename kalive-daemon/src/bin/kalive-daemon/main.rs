@@ -3,8 +3,10 @@
 //!
 //! - `cli`: the command line (clap);
 //! - `run`: `kalive-daemon run`, the daemon;
+//! - `check`: `kalive-daemon check`, whether `run` would work on this host;
 //! - `top`: `kalive-daemon top`, the live view.
 
+mod check;
 mod cli;
 mod run;
 mod top;
@@ -20,6 +22,8 @@ fn main() -> std::process::ExitCode {
     let default_filter = match cli.command {
         Command::Top(_) => "off",
         Command::Run(_) => "info",
+        // The report is the output; the loader's progress lines would only repeat it.
+        Command::Check(_) => "error",
     };
     let mut logger =
         env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(default_filter));
@@ -44,6 +48,7 @@ fn main() -> std::process::ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Run(args) => run::run(args).await,
+            Command::Check(args) => check::check(args).await,
             Command::Top(args) => top::run(args).await.map_err(Into::into),
         }
     });

@@ -6,7 +6,10 @@ use anyhow::Context as _;
 use kalive_daemon::{
     collector::{Collector, CollectorOptions, DEFAULT_ANSWER_CHECKS_PER_SECOND},
     export::{http, metrics::SeriesOptions, web_config::WebConfig},
-    kernel::loader::LoadOptions,
+    kernel::{
+        loader::LoadOptions,
+        privileges::{self, CAPABILITIES},
+    },
 };
 use tokio_util::sync::CancellationToken;
 
@@ -20,6 +23,18 @@ pub(crate) async fn run(args: RunArgs) -> anyhow::Result<()> {
     };
     let listener = http::bind(args.listen).await?;
     let address = listener.local_addr().unwrap_or(args.listen);
+
+    // What `check` reports as warnings: the daemon runs, but without part of its work.
+    for capability in CAPABILITIES.iter().filter(|c| !c.required) {
+        if !privileges::has(capability) {
+            log::warn!(
+                "{} missing: not done without it: {} (`kalive-daemon check` lists what this host \
+                 allows)",
+                capability.name,
+                capability.used_for
+            );
+        }
+    }
 
     let cancel = CancellationToken::new();
     let mut labels = args.labels;
