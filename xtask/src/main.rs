@@ -26,7 +26,8 @@ struct Cli {
 enum Task {
     /// Install what building and testing need: nightly, rust-src, bpf-linker, packages.
     Setup,
-    /// Build kalive-daemon in release mode and run it; arguments after `--` go to the daemon.
+    /// Install what building needs (nightly with rust-src, bpf-linker; none of the test tools),
+    /// build kalive-daemon in release mode and run it; arguments after `--` go to the daemon.
     Run {
         /// Arguments for kalive-daemon (default: `run`).
         #[arg(last = true)]
@@ -54,11 +55,11 @@ enum Task {
 
 fn main() -> Result<()> {
     match Cli::parse().task {
-        Task::Setup => setup::setup(),
+        Task::Setup => setup::setup(setup::Purpose::Testing),
         Task::Run { args } => run::run(args),
         Task::Test => test::test(),
         Task::VmTest => {
-            setup::setup()?;
+            setup::setup(setup::Purpose::Testing)?;
             vm::vm_test()
         }
         Task::Bench {

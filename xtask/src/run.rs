@@ -9,7 +9,7 @@ use crate::{cargo, run_checked, setup, show, target_dir};
 /// Runs setup, builds the daemon, then execs it with `args` (`run` when empty). The daemon takes
 /// over this process, so its exit status (and any signal) is ours; this returns only on error.
 pub(crate) fn run(args: Vec<String>) -> Result<()> {
-    setup::setup()?;
+    setup::setup(setup::Purpose::Running)?;
     run_checked(&mut cargo(["build", "--release", "-p", "kalive-daemon"])).context(
         "building kalive-daemon failed: fix the errors above and rerun `cargo xtask run`",
     )?;

@@ -34,14 +34,55 @@ const APT_PACKAGES: [&str; 11] = [
 const RUSTUP_HINT: &str = "check that rustup works and the network is reachable";
 const REINSTALL_NIGHTLY: &str = "reinstall it with `rustup toolchain install nightly --force`";
 
-/// Checks and, where missing, installs every item, printing one line per item.
-pub(crate) fn setup() -> Result<()> {
+/// What the machine is set up for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Purpose {
+    /// Building and running the daemon (`cargo xtask run`).
+    Running,
+    /// Everything: the lints, the tests, vm-test and the benchmarks.
+    Testing,
+}
+
+/// One thing setup checks and, where missing, installs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Item {
+    /// The nightly toolchain with rust-src: the kernel programs are built with it.
+    NightlyWithRustSrc,
+    /// bpf-linker: links the kernel programs.
+    BpfLinker,
+    /// Nightly rustfmt and clippy: the `fmt` and `clippy` steps of the tests.
+    LintTools,
+    /// The Debian packages of the tests, vm-test and the benchmarks (APT_PACKAGES).
+    AptPackages,
+}
+
+/// The items `purpose` needs, in the order they are set up. Running needs only the toolchain
+/// pieces: the daemon itself uses no Debian package beyond the base system.
+fn items(purpose: Purpose) -> &'static [Item] {
+    match purpose {
+        Purpose::Running => &[Item::NightlyWithRustSrc, Item::BpfLinker],
+        Purpose::Testing => &[
+            Item::NightlyWithRustSrc,
+            Item::BpfLinker,
+            Item::LintTools,
+            Item::AptPackages,
+        ],
+    }
+}
+
+/// Checks and, where missing, installs what `purpose` needs, printing one line per item.
+pub(crate) fn setup(purpose: Purpose) -> Result<()> {
     nightly()?;
     let sysroot = nightly_sysroot()?;
-    rust_src(&sysroot)?;
-    nightly_lint_tools()?;
-    bpf_linker(&sysroot)?;
-    apt_packages()
+    for item in items(purpose) {
+        match item {
+            Item::NightlyWithRustSrc => rust_src(&sysroot)?,
+            Item::BpfLinker => bpf_linker(&sysroot)?,
+            Item::LintTools => nightly_lint_tools()?,
+            Item::AptPackages => apt_packages()?,
+        }
+    }
+    Ok(())
 }
 
 fn rustup<const N: usize>(args: [&str; N]) -> Command {
@@ -229,4 +270,20 @@ fn apt_packages() -> Result<()> {
             .args(&missing),
     )
     .with_context(|| format!("installing {list} failed: read apt's errors above"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn running_installs_only_the_toolchain_pieces() {
+        let running = items(Purpose::Running);
+        assert!(running.contains(&Item::NightlyWithRustSrc) && running.contains(&Item::BpfLinker));
+        assert!(!running.contains(&Item::AptPackages) && !running.contains(&Item::LintTools));
+        // Testing needs everything running needs, and the rest.
+        let testing = items(Purpose::Testing);
+        assert!(running.iter().all(|item| testing.contains(item)));
+        assert!(testing.contains(&Item::AptPackages) && testing.contains(&Item::LintTools));
+    }
 }

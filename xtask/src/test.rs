@@ -8,7 +8,7 @@ use crate::{bench, cargo, is_root, run_checked, setup, target_dir, vm};
 /// Runs setup and then every step, stopping at the first failure. The environment is passed
 /// through unchanged (so `CI=true` reaches the tests).
 pub(crate) fn test() -> Result<()> {
-    setup::setup()?;
+    setup::setup(setup::Purpose::Testing)?;
 
     // Nightly's rustfmt: rustfmt.toml groups imports (std / external / crate), an option stable
     // rustfmt ignores. Setup installs the component.

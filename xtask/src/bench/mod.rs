@@ -88,7 +88,7 @@ pub(crate) fn bench(options: &BenchOptions) -> Result<()> {
          kernel.bpf_stats_enabled: run it as root (e.g. `sudo -E env PATH=\"$PATH\" cargo xtask \
          bench`)"
     );
-    setup::setup()?;
+    setup::setup(setup::Purpose::Testing)?;
     run_checked(&mut cargo([
         "build",
         "--release",
