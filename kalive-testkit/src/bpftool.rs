@@ -60,3 +60,31 @@ pub fn program(id: u64) -> ProgramInfo {
 pub fn programs_of(pid: u32) -> Vec<ProgramInfo> {
     program_ids_of(pid).into_iter().map(program).collect()
 }
+
+/// The ids of the programs attached through a BPF link (`bpftool link show`): raw tracepoints,
+/// fentry/fexit and kprobes attached the way kalive attaches them.
+pub fn linked_program_ids() -> Vec<u64> {
+    let output = Command::new("bpftool")
+        .args(["--json", "link", "show"])
+        .output()
+        .unwrap_or_else(|err| panic!("run bpftool (install it: `cargo xtask setup`): {err}"));
+    assert!(
+        output.status.success(),
+        "bpftool link show failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let links: serde_json::Value =
+        serde_json::from_slice(&output.stdout).expect("bpftool prints JSON");
+    let mut ids: Vec<u64> = links
+        .as_array()
+        .map(|links| {
+            links
+                .iter()
+                .filter_map(|link| link["prog_id"].as_u64())
+                .collect()
+        })
+        .unwrap_or_default();
+    ids.sort_unstable();
+    ids.dedup();
+    ids
+}

@@ -80,6 +80,19 @@ impl DaemonProcess {
         );
     }
 
+    /// The daemon's process id.
+    pub fn pid(&self) -> u32 {
+        self._child.0.id()
+    }
+
+    /// Sends SIGTERM and waits for the daemon to exit: how long it took, and how it ended.
+    pub fn terminate(&mut self) -> (Duration, std::process::ExitStatus) {
+        let sent = std::time::Instant::now();
+        self.signal(libc::SIGTERM);
+        let status = self._child.0.wait().expect("wait for kalive-daemon");
+        (sent.elapsed(), status)
+    }
+
     /// GET `path` from the daemon's HTTP server: (status, body).
     pub fn get(&self, path: &str) -> (u16, String) {
         let url = format!("http://{}{path}", self.http);

@@ -16,6 +16,7 @@ mod metrics_vs_kernel;
 mod overflow;
 mod privileged;
 mod real_link;
+mod service;
 mod table;
 mod top_tmux;
 

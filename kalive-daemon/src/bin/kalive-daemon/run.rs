@@ -11,6 +11,7 @@ use kalive_daemon::{
         privileges::{self, CAPABILITIES},
     },
 };
+use sd_notify::NotifyState;
 use tokio_util::sync::CancellationToken;
 
 use crate::cli::RunArgs;
@@ -72,9 +73,26 @@ pub(crate) async fn run(args: RunArgs) -> anyhow::Result<()> {
     });
     tokio::spawn(http::serve(listener, context, cancel.clone()));
     tokio::spawn(shutdown_on_signal(cancel));
+    // The programs are attached and the port listens: ready (systemd's Type=notify).
+    let status = format!(
+        "hook mode {}, serving {scheme}://{address}/metrics",
+        collector.mode
+    );
+    tell_service_manager(&[NotifyState::Ready, NotifyState::Status(&status)]);
     collector.wait().await.context("the collector stopped")?;
     log::info!("kalive-daemon stopped");
     Ok(())
+}
+
+/// Tells systemd (when it started us with NOTIFY_SOCKET) how the service is doing; without
+/// NOTIFY_SOCKET nothing is sent.
+fn tell_service_manager(states: &[NotifyState<'_>]) {
+    if let Err(err) = sd_notify::notify(states) {
+        log::warn!(
+            "cannot tell the service manager {states:?} through NOTIFY_SOCKET: {err}; with \
+             Type=notify systemd will consider the start failed"
+        );
+    }
 }
 
 /// SIGINT or SIGTERM cancels everything.
@@ -91,5 +109,6 @@ async fn shutdown_on_signal(cancel: CancellationToken) {
         _ = tokio::signal::ctrl_c() => log::info!("SIGINT received, stopping"),
         _ = terminate.recv() => log::info!("SIGTERM received, stopping"),
     }
+    tell_service_manager(&[NotifyState::Stopping]);
     cancel.cancel();
 }
