@@ -1,6 +1,7 @@
 //! `cargo xtask`: the project's entry point for setting up, running and testing kalive.
 
 mod bench;
+mod package;
 mod run;
 mod setup;
 mod test;
@@ -24,6 +25,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Task {
+    /// Build the Debian package (target/debian/kalive_VERSION_amd64.deb) and check it with
+    /// lintian, systemd-analyze, man and bash.
+    Package,
     /// Install what building and testing need: nightly, rust-src, bpf-linker, packages.
     Setup,
     /// Install what building needs (nightly with rust-src, bpf-linker; none of the test tools),
@@ -57,6 +61,10 @@ fn main() -> Result<()> {
     match Cli::parse().task {
         Task::Setup => setup::setup(setup::Purpose::Testing),
         Task::Run { args } => run::run(args),
+        Task::Package => {
+            setup::setup(setup::Purpose::Testing)?;
+            package::package().map(|_| ())
+        }
         Task::Test => test::test(),
         Task::VmTest => {
             setup::setup(setup::Purpose::Testing)?;

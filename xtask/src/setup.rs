@@ -12,13 +12,15 @@ use anyhow::{bail, Context, Result};
 use crate::{cache_dir, is_root, probe, run_checked};
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
-/// Debian packages the privileged integration tests and vm-test (QEMU, cpio) use.
+/// Debian packages the privileged integration tests, vm-test (QEMU, cpio) and the package check
+/// use.
 // prometheus provides promtool and the server the metrics tests scrape with; curl and openssl
 // are the independent HTTPS client and certificate maker of the web-config test; tmux runs
 // `kalive-daemon top` in a real terminal for its end-to-end test; bpftool reads the kernel's
 // recursion_misses of kalive's programs for the churn test; qemu-system-x86 boots the vm-test
 // kernels and cpio packs their initramfs.
-const APT_PACKAGES: [&str; 11] = [
+// lintian, dpkg-dev (dpkg-shlibdeps) and binutils (strip) build and check the Debian package.
+const APT_PACKAGES: [&str; 14] = [
     "nftables",
     "iproute2",
     "tcpdump",
@@ -30,6 +32,9 @@ const APT_PACKAGES: [&str; 11] = [
     "bpftool",
     "qemu-system-x86",
     "cpio",
+    "lintian",
+    "dpkg-dev",
+    "binutils",
 ];
 const RUSTUP_HINT: &str = "check that rustup works and the network is reachable";
 const REINSTALL_NIGHTLY: &str = "reinstall it with `rustup toolchain install nightly --force`";

@@ -1,9 +1,10 @@
 //! `cargo xtask test`: the full check, in order: format, lints, unit tests, integration tests,
-//! a smoke run of the cost benchmark, and vm-test (every hook mode on Debian kernels in QEMU).
+//! the Debian package (built and checked), a smoke run of the cost benchmark, and vm-test (every
+//! hook mode on Debian kernels in QEMU).
 
 use anyhow::{Context, Result};
 
-use crate::{bench, cargo, is_root, run_checked, setup, target_dir, vm};
+use crate::{bench, cargo, is_root, package, run_checked, setup, target_dir, vm};
 
 /// Runs setup and then every step, stopping at the first failure. The environment is passed
 /// through unchanged (so `CI=true` reaches the tests).
@@ -83,6 +84,9 @@ pub(crate) fn test() -> Result<()> {
         "--test-threads=1",
     ]))
     .context("step `integration tests` failed: fix the failing tests above")?;
+
+    // The Debian package, built and checked by lintian, systemd-analyze, man and bash.
+    package::package().context("step `package` failed: read the error above")?;
 
     // A short run of `cargo xtask bench` (one 0.5 s round per cell, nothing written): the
     // benchmark keeps working. Its figures come from the full run, by hand.

@@ -39,6 +39,12 @@ pub(crate) enum Command {
     /// each hook mode (tried for real), keepalive sysctls, listen address, web config. Exits 0
     /// only if it would.
     Check(RunArgs),
+    /// Write the man pages and shell completions into DIR (for packaging).
+    #[command(hide = true)]
+    Manuals {
+        /// Where to write man1/ and completions/.
+        dir: PathBuf,
+    },
 }
 
 /// `--hook-mode`: the library's names, with its help for each.

@@ -4,10 +4,12 @@
 //! - `cli`: the command line (clap);
 //! - `run`: `kalive-daemon run`, the daemon;
 //! - `check`: `kalive-daemon check`, whether `run` would work on this host;
+//! - `manuals`: the man pages and completions, for packaging;
 //! - `top`: `kalive-daemon top`, the live view.
 
 mod check;
 mod cli;
+mod manuals;
 mod run;
 mod top;
 
@@ -23,7 +25,7 @@ fn main() -> std::process::ExitCode {
         Command::Top(_) => "off",
         Command::Run(_) => "info",
         // The report is the output; the loader's progress lines would only repeat it.
-        Command::Check(_) => "error",
+        Command::Check(_) | Command::Manuals { .. } => "error",
     };
     let mut logger =
         env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(default_filter));
@@ -49,6 +51,7 @@ fn main() -> std::process::ExitCode {
         match cli.command {
             Command::Run(args) => run::run(args).await,
             Command::Check(args) => check::check(args).await,
+            Command::Manuals { dir } => manuals::write(&dir),
             Command::Top(args) => top::run(args).await.map_err(Into::into),
         }
     });
