@@ -4,6 +4,7 @@ mod bench;
 mod package;
 mod run;
 mod setup;
+mod systemd_test;
 mod test;
 mod vm;
 
@@ -25,6 +26,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Task {
+    /// Boot Debian 12 with systemd in QEMU and put the Debian package through install, scrape,
+    /// restart, stop, bad arguments and removal.
+    SystemdTest,
     /// Build the Debian package (target/debian/kalive_VERSION_amd64.deb) and check it with
     /// lintian, systemd-analyze, man and bash.
     Package,
@@ -61,6 +65,10 @@ fn main() -> Result<()> {
     match Cli::parse().task {
         Task::Setup => setup::setup(setup::Purpose::Testing),
         Task::Run { args } => run::run(args),
+        Task::SystemdTest => {
+            setup::setup(setup::Purpose::Testing)?;
+            systemd_test::systemd_test()
+        }
         Task::Package => {
             setup::setup(setup::Purpose::Testing)?;
             package::package().map(|_| ())

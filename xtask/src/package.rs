@@ -83,7 +83,8 @@ const COMPLETIONS: [(&str, &str); 3] = [
     ),
 ];
 
-fn build() -> Result<PathBuf> {
+/// Builds the package (unchecked); returns its path.
+pub(crate) fn build() -> Result<PathBuf> {
     run_checked(&mut cargo(["build", "--release", "-p", "kalive-daemon"]))
         .context("building kalive-daemon failed: fix the errors above")?;
     let binary = target_dir().join("release/kalive-daemon");

@@ -19,8 +19,10 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 // `kalive-daemon top` in a real terminal for its end-to-end test; bpftool reads the kernel's
 // recursion_misses of kalive's programs for the churn test; qemu-system-x86 boots the vm-test
 // kernels and cpio packs their initramfs.
-// lintian, dpkg-dev (dpkg-shlibdeps) and binutils (strip) build and check the Debian package.
-const APT_PACKAGES: [&str; 14] = [
+// lintian, dpkg-dev (dpkg-shlibdeps) and binutils (strip) build and check the Debian package;
+// mmdebstrap makes the root filesystem of systemd-test's guest; python3-venv holds the
+// Kubernetes validator of the fleet files test (FleetValidators).
+const APT_PACKAGES: [&str; 16] = [
     "nftables",
     "iproute2",
     "tcpdump",
@@ -35,7 +37,16 @@ const APT_PACKAGES: [&str; 14] = [
     "lintian",
     "dpkg-dev",
     "binutils",
+    "mmdebstrap",
+    "python3-venv",
 ];
+/// The validators kalive-daemon/tests/integration/fleet_files.rs runs on deploy/, installed
+/// under target/fleet-tools (where that test looks unless KALIVE_FLEET_TOOLS says otherwise):
+/// kubernetes-validate (PyPI, the Kubernetes schemas bundled) in a venv, and the prometheus-operator
+/// models (npm; 4.x runs on Node 14 and later, 6.x needs Node 22).
+const KUBERNETES_VALIDATE_VERSION: &str = "1.37.0";
+const OPERATOR_MODELS: &str = "@kubernetes-models/prometheus-operator";
+const OPERATOR_MODELS_VERSION: &str = "4.4.4";
 const RUSTUP_HINT: &str = "check that rustup works and the network is reachable";
 const REINSTALL_NIGHTLY: &str = "reinstall it with `rustup toolchain install nightly --force`";
 
@@ -59,6 +70,8 @@ enum Item {
     LintTools,
     /// The Debian packages of the tests, vm-test and the benchmarks (APT_PACKAGES).
     AptPackages,
+    /// The Kubernetes validators of the fleet files test, from PyPI and npm.
+    FleetValidators,
 }
 
 /// The items `purpose` needs, in the order they are set up. Running needs only the toolchain
@@ -71,6 +84,7 @@ fn items(purpose: Purpose) -> &'static [Item] {
             Item::BpfLinker,
             Item::LintTools,
             Item::AptPackages,
+            Item::FleetValidators,
         ],
     }
 }
@@ -85,6 +99,7 @@ pub(crate) fn setup(purpose: Purpose) -> Result<()> {
             Item::BpfLinker => bpf_linker(&sysroot)?,
             Item::LintTools => nightly_lint_tools()?,
             Item::AptPackages => apt_packages()?,
+            Item::FleetValidators => fleet_validators()?,
         }
     }
     Ok(())
@@ -277,6 +292,75 @@ fn apt_packages() -> Result<()> {
     .with_context(|| format!("installing {list} failed: read apt's errors above"))
 }
 
+fn fleet_validators() -> Result<()> {
+    let tools = crate::target_dir().join("fleet-tools");
+    let venv = tools.join("venv");
+    let validate = venv.join("bin/kubernetes-validate");
+    if probe(&validate.to_string_lossy(), &["--version"]).as_deref()
+        == Some(KUBERNETES_VALIDATE_VERSION)
+    {
+        println!("ok: kubernetes-validate {KUBERNETES_VALIDATE_VERSION}");
+    } else {
+        println!(
+            "installing: kubernetes-validate {KUBERNETES_VALIDATE_VERSION} in {}",
+            venv.display()
+        );
+        run_checked(Command::new("python3").args(["-m", "venv"]).arg(&venv))
+            .context("making the validator's venv failed: is python3-venv installed?")?;
+        run_checked(
+            Command::new(venv.join("bin/pip"))
+                .args(["install", "--quiet", "--disable-pip-version-check"])
+                .arg(format!(
+                    "kubernetes-validate=={KUBERNETES_VALIDATE_VERSION}"
+                )),
+        )
+        .context("installing kubernetes-validate from PyPI failed: check the network")?;
+    }
+
+    if probe("node", &["--version"]).is_none() {
+        ensure_root_for("nodejs npm")?;
+        println!("installing: nodejs npm (Debian's)");
+        run_checked(
+            Command::new("apt-get")
+                .env("DEBIAN_FRONTEND", "noninteractive")
+                .args(["install", "-y", "--no-install-recommends", "nodejs", "npm"]),
+        )
+        .context("installing nodejs and npm failed: read apt's errors above")?;
+    }
+    let node = tools.join("node");
+    let manifest = node
+        .join("node_modules")
+        .join(OPERATOR_MODELS)
+        .join("package.json");
+    let installed = fs::read_to_string(&manifest)
+        .is_ok_and(|text| text.contains(&format!("\"version\": \"{OPERATOR_MODELS_VERSION}\"")));
+    if installed {
+        println!("ok: {OPERATOR_MODELS} {OPERATOR_MODELS_VERSION}");
+        return Ok(());
+    }
+    println!(
+        "installing: {OPERATOR_MODELS} {OPERATOR_MODELS_VERSION} in {}",
+        node.display()
+    );
+    run_checked(
+        Command::new("npm")
+            .arg("install")
+            .arg("--prefix")
+            .arg(&node)
+            .args(["--save-exact", "--no-audit", "--no-fund"])
+            .arg(format!("{OPERATOR_MODELS}@{OPERATOR_MODELS_VERSION}")),
+    )
+    .with_context(|| format!("installing {OPERATOR_MODELS} from npm failed: check the network"))
+}
+
+/// Fails with how to install `what` by hand when this process is not root.
+fn ensure_root_for(what: &str) -> Result<()> {
+    if is_root() {
+        return Ok(());
+    }
+    bail!("missing Debian packages: {what}; run `cargo xtask setup` as root, or `sudo apt-get install {what}`")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -289,6 +373,9 @@ mod tests {
         // Testing needs everything running needs, and the rest.
         let testing = items(Purpose::Testing);
         assert!(running.iter().all(|item| testing.contains(item)));
+        assert!(
+            !running.contains(&Item::FleetValidators) && testing.contains(&Item::FleetValidators)
+        );
         assert!(testing.contains(&Item::AptPackages) && testing.contains(&Item::LintTools));
     }
 }

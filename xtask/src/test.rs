@@ -1,10 +1,10 @@
 //! `cargo xtask test`: the full check, in order: format, lints, unit tests, integration tests,
-//! the Debian package (built and checked), a smoke run of the cost benchmark, and vm-test (every
-//! hook mode on Debian kernels in QEMU).
+//! the Debian package (built and checked), a smoke run of the cost benchmark, vm-test (every
+//! hook mode on Debian kernels in QEMU) and systemd-test (the package under systemd in QEMU).
 
 use anyhow::{Context, Result};
 
-use crate::{bench, cargo, is_root, package, run_checked, setup, target_dir, vm};
+use crate::{bench, cargo, is_root, package, run_checked, setup, systemd_test, target_dir, vm};
 
 /// Runs setup and then every step, stopping at the first failure. The environment is passed
 /// through unchanged (so `CI=true` reaches the tests).
@@ -103,6 +103,10 @@ pub(crate) fn test() -> Result<()> {
 
     // Every hook mode on Debian kernels in QEMU (no root needed on this side).
     vm::vm_test().context("step `vm-test` failed: read the matrix and problems above")?;
+
+    // The Debian package under a real systemd (a Debian 12 guest in QEMU).
+    systemd_test::systemd_test()
+        .context("step `systemd-test` failed: read the guest's steps above")?;
 
     println!("all checks passed");
     Ok(())

@@ -55,11 +55,11 @@ const BOOT_TIMEOUT: Duration = Duration::from_secs(600);
 const GUEST_TARGET: &str = "x86_64-unknown-linux-gnu";
 
 /// A fetched kernel: its release string, image and config.
-struct Kernel {
-    label: &'static str,
-    release: String,
-    vmlinuz: PathBuf,
-    config: PathBuf,
+pub(crate) struct Kernel {
+    pub(crate) label: &'static str,
+    pub(crate) release: String,
+    pub(crate) vmlinuz: PathBuf,
+    pub(crate) config: PathBuf,
 }
 
 pub(crate) fn vm_test() -> Result<()> {
@@ -119,7 +119,7 @@ fn check_tools() -> Result<()> {
 }
 
 /// Runs `cmd` with a time limit; its output goes to the terminal. An error names the command.
-fn run_limited(cmd: &mut Command, limit: Duration, what: &str) -> Result<()> {
+pub(crate) fn run_limited(cmd: &mut Command, limit: Duration, what: &str) -> Result<()> {
     let shown = crate::show(cmd);
     println!("+ {shown}");
     let mut child = cmd
@@ -339,24 +339,29 @@ fn find_kernel_files(root: &Path, release: &str) -> Option<(PathBuf, PathBuf)> {
 
 /// Builds the static guest binary (the library's own code, as the daemon uses it).
 fn build_guest() -> Result<PathBuf> {
+    build_static_binary("vm-guest")
+}
+
+/// Builds a kalive-testkit binary statically linked, to run alone in a guest; returns its path.
+pub(crate) fn build_static_binary(name: &str) -> Result<PathBuf> {
     let mut cmd = Command::new("cargo");
     cmd.current_dir(workspace_root())
-        .args([
-            "build",
-            "--release",
-            "-p",
-            "kalive-testkit",
-            "--bin",
-            "vm-guest",
-        ])
+        .args(["build", "--release", "-p", "kalive-testkit", "--bin", name])
         .args(["--target", GUEST_TARGET])
         // Target-only flags: build scripts (and aya-build's eBPF build) stay dynamic and untouched.
         .env(
             "CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUSTFLAGS",
             "-C target-feature=+crt-static",
         );
-    run_checked(&mut cmd).context("building the VM guest failed: fix the errors above")?;
-    Ok(target_dir().join(GUEST_TARGET).join("release/vm-guest"))
+    run_checked(&mut cmd)
+        .with_context(|| format!("building {name} failed: fix the errors above"))?;
+    Ok(target_dir().join(GUEST_TARGET).join("release").join(name))
+}
+
+/// The Debian 12 kernel vm-test uses (fetched and cached like the others).
+pub(crate) fn debian12_kernel() -> Result<Kernel> {
+    let cache = cache_dir()?.join("vm");
+    fetch_kernel(&KERNELS[0], &cache).context("getting the debian12 kernel failed")
 }
 
 /// Packs the initramfs and boots `kernel`; returns the guest's `KALIVE-VM` lines.
@@ -397,23 +402,51 @@ fn boot(kernel: &Kernel, guest: &Path, work: &Path) -> Result<Vec<String>> {
         kernel.label,
         log.display()
     );
+    let lines = boot_qemu(&Boot {
+        kernel: &kernel.vmlinuz,
+        initramfs: &initramfs,
+        memory_mb: 1024,
+        append: "console=ttyS0 quiet loglevel=1 panic=-1",
+        log: &log,
+        timeout: BOOT_TIMEOUT,
+        marker: "KALIVE-VM ",
+    })?;
+    if lines.is_none() {
+        println!(
+            "vm-test: {} did not power off within {BOOT_TIMEOUT:?} and was stopped; see {}",
+            kernel.release,
+            log.display()
+        );
+    }
+    Ok(lines.unwrap_or_default())
+}
+
+/// One QEMU boot (TCG, 2 CPUs, serial console on stdout).
+pub(crate) struct Boot<'a> {
+    pub(crate) kernel: &'a Path,
+    pub(crate) initramfs: &'a Path,
+    pub(crate) memory_mb: u32,
+    /// The kernel command line.
+    pub(crate) append: &'a str,
+    /// Where the whole console output is written.
+    pub(crate) log: &'a Path,
+    pub(crate) timeout: Duration,
+    /// The prefix of the console lines returned (without it).
+    pub(crate) marker: &'a str,
+}
+
+/// Boots and waits for the guest to power off; returns its `marker` lines, or None when it did
+/// not power off in time (it is then stopped; the lines so far are in the log).
+pub(crate) fn boot_qemu(boot: &Boot<'_>) -> Result<Option<Vec<String>>> {
     let mut child = Command::new("qemu-system-x86_64")
-        .args([
-            "-accel",
-            "tcg,thread=multi",
-            "-cpu",
-            "max",
-            "-m",
-            "1024",
-            "-smp",
-            "2",
-        ])
+        .args(["-accel", "tcg,thread=multi", "-cpu", "max", "-smp", "2"])
+        .args(["-m", &boot.memory_mb.to_string()])
         .args(["-nographic", "-no-reboot", "-monitor", "none"])
         .arg("-kernel")
-        .arg(&kernel.vmlinuz)
+        .arg(boot.kernel)
         .arg("-initrd")
-        .arg(&initramfs)
-        .args(["-append", "console=ttyS0 quiet loglevel=1 panic=-1"])
+        .arg(boot.initramfs)
+        .args(["-append", boot.append])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -432,7 +465,7 @@ fn boot(kernel: &Kernel, guest: &Path, work: &Path) -> Result<Vec<String>> {
         let _ = stderr_pipe.read_to_string(&mut text);
         text
     });
-    let deadline = Instant::now() + BOOT_TIMEOUT;
+    let deadline = Instant::now() + boot.timeout;
     let status = loop {
         if let Some(status) = child.try_wait()? {
             break Some(status);
@@ -446,29 +479,23 @@ fn boot(kernel: &Kernel, guest: &Path, work: &Path) -> Result<Vec<String>> {
     };
     let bytes = reader.join().unwrap_or_default();
     let stderr = stderr_reader.join().unwrap_or_default();
-    fs::write(&log, &bytes).with_context(|| format!("cannot write {}", log.display()))?;
+    fs::write(boot.log, &bytes).with_context(|| format!("cannot write {}", boot.log.display()))?;
     let text = String::from_utf8_lossy(&bytes);
     let lines: Vec<String> = text
         .lines()
         .filter_map(|line| {
-            line.find("KALIVE-VM ")
-                .map(|at| line[at + 10..].trim().to_owned())
+            line.find(boot.marker)
+                .map(|at| line[at + boot.marker.len()..].trim().to_owned())
         })
         .collect();
     match status {
-        None => {
-            println!(
-                "vm-test: {} did not power off within {BOOT_TIMEOUT:?} and was stopped; see {}",
-                kernel.release,
-                log.display()
-            );
-        }
+        None => return Ok(None),
         Some(status) if !status.success() => {
-            println!("vm-test: qemu exited with {status}: {}", stderr.trim());
+            println!("qemu exited with {status}: {}", stderr.trim());
         }
         Some(_) => {}
     }
-    Ok(lines)
+    Ok(Some(lines))
 }
 
 /// One cell of the matrix.
