@@ -10,6 +10,7 @@ mod btf_offsets;
 mod churn;
 mod cli;
 mod daemon_binary;
+mod fleet_files;
 mod http_server;
 mod least_privilege;
 mod metrics_vs_kernel;
