@@ -15,4 +15,5 @@ pub mod privileges;
 pub mod procfs;
 pub mod program_stats;
 pub mod sock_diag;
+pub mod socket_owners;
 pub mod units;

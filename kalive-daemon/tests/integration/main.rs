@@ -6,6 +6,7 @@
 //! Shared helpers are in the kalive-testkit crate.
 
 mod api;
+mod audit;
 mod btf_offsets;
 mod churn;
 mod cli;

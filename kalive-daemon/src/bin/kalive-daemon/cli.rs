@@ -39,6 +39,10 @@ pub(crate) enum Command {
     /// each hook mode (tried for real), keepalive sysctls, listen address, web config. Exits 0
     /// only if it would.
     Check(RunArgs),
+    /// Every TCP connection on this host (all namespaces): owner, keepalive settings, and
+    /// whether a middlebox's idle limit will kill it, with the fix. Needs no daemon; run as
+    /// root.
+    Audit(AuditArgs),
     /// Write the man pages and shell completions into DIR (for packaging).
     #[command(hide = true)]
     Manuals {
@@ -201,4 +205,36 @@ fn parse_interval(text: &str) -> Result<f64, String> {
 
 fn parse_linger(text: &str) -> Result<f64, String> {
     parse_seconds(text, 0.0, 86_400.0)
+}
+
+/// `kalive-daemon audit`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct AuditArgs {
+    /// JSON instead of text.
+    #[arg(long)]
+    pub(crate) json: bool,
+
+    /// The idle limit of the path (firewall, NAT, load balancer): a connection whose keepalive
+    /// waits longer, or that has no keepalive and sat idle longer, is at risk. 350s, 5m, 2h.
+    #[arg(long, value_name = "DURATION", value_parser = parse_middlebox_timeout)]
+    pub(crate) middlebox_idle_timeout: Option<std::time::Duration>,
+
+    /// A middlebox whose idle limit kalive knows, instead of --middlebox-idle-timeout.
+    #[arg(long, value_name = "PRESET", conflicts_with = "middlebox_idle_timeout", value_parser = middlebox_parser())]
+    pub(crate) middlebox: Option<String>,
+}
+
+fn parse_middlebox_timeout(text: &str) -> Result<std::time::Duration, String> {
+    kalive_daemon::advisor::parse_duration(text)
+}
+
+/// `--middlebox`: the advisor's presets, with what each is.
+fn middlebox_parser() -> PossibleValuesParser {
+    PossibleValuesParser::new(kalive_daemon::advisor::PRESETS.map(|preset| {
+        PossibleValue::new(preset.name).help(format!(
+            "{} s: {}",
+            preset.idle_timeout.as_secs(),
+            preset.what
+        ))
+    }))
 }

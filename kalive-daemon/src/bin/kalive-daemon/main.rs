@@ -4,9 +4,11 @@
 //! - `cli`: the command line (clap);
 //! - `run`: `kalive-daemon run`, the daemon;
 //! - `check`: `kalive-daemon check`, whether `run` would work on this host;
+//! - `audit`: `kalive-daemon audit`, every connection against a middlebox's idle limit;
 //! - `manuals`: the man pages and completions, for packaging;
 //! - `top`: `kalive-daemon top`, the live view.
 
+mod audit;
 mod check;
 mod cli;
 mod manuals;
@@ -25,7 +27,7 @@ fn main() -> std::process::ExitCode {
         Command::Top(_) => "off",
         Command::Run(_) => "info",
         // The report is the output; the loader's progress lines would only repeat it.
-        Command::Check(_) | Command::Manuals { .. } => "error",
+        Command::Check(_) | Command::Audit(_) | Command::Manuals { .. } => "error",
     };
     let mut logger =
         env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(default_filter));
@@ -51,6 +53,7 @@ fn main() -> std::process::ExitCode {
         match cli.command {
             Command::Run(args) => run::run(args).await,
             Command::Check(args) => check::check(args).await,
+            Command::Audit(args) => audit::audit(&args),
             Command::Manuals { dir } => manuals::write(&dir),
             Command::Top(args) => top::run(args).await.map_err(Into::into),
         }

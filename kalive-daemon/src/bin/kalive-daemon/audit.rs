@@ -1,0 +1,276 @@
+//! `kalive-daemon audit`: a one-shot report of every TCP connection on the host (every network
+//! namespace, with and without keepalive): its owner, its keepalive settings against its
+//! namespace's sysctls and Linux's defaults, the longest a dead peer would go unnoticed, and,
+//! given a middlebox idle limit, whether the path will forget it and the setting that fixes
+//! it. Plain text, or JSON with `--json`. Needs no daemon; root (or CAP_SYS_PTRACE, CAP_SYS_ADMIN
+//! and CAP_DAC_READ_SEARCH) to see other processes and namespaces.
+
+use std::{collections::HashMap, net::SocketAddr, time::Duration};
+
+use kalive_daemon::{
+    advisor::{self, IdleLimit, KeepaliveSettings, Risk},
+    inventory::{self, Connection, Inventory, NamespaceSettings},
+};
+
+use crate::cli::AuditArgs;
+
+/// Linux's keepalive defaults (net.ipv4.tcp_keepalive_time, _intvl, _probes).
+const LINUX_DEFAULTS: (u32, u32, u32) = (7200, 75, 9);
+
+#[derive(serde::Serialize)]
+struct Report {
+    /// The limit given on the command line, before the host's own are applied.
+    middlebox_idle_limit: Option<IdleLimitJson>,
+    connections: Vec<ConnectionJson>,
+    at_risk: usize,
+    problems: Vec<String>,
+}
+
+#[derive(serde::Serialize)]
+struct IdleLimitJson {
+    seconds: u64,
+    from: String,
+}
+
+#[derive(serde::Serialize)]
+struct ConnectionJson {
+    netns: u32,
+    local: String,
+    remote: String,
+    state: &'static str,
+    timer: &'static str,
+    timer_expires_ms: u32,
+    /// icsk_probes_out: keepalive probes sent and unanswered.
+    probes: u8,
+    inode: u32,
+    uid: u32,
+    owner: Option<kalive_daemon::kernel::socket_owners::SocketOwner>,
+    keepalive: Option<KeepaliveSettings>,
+    keepalive_error: Option<String>,
+    /// The namespace's sysctls, what a socket without its own settings uses.
+    namespace_keepalive: Option<(u32, u32, u32)>,
+    /// Where the socket's settings differ from the namespace's and from Linux's defaults.
+    settings_origin: Option<&'static str>,
+    idle_ms: Option<u32>,
+    dead_peer_detection_seconds: Option<u64>,
+    /// The limit this connection was held to (the shorter of the given one and the host's).
+    idle_limit: Option<IdleLimitJson>,
+    risk: Risk,
+}
+
+pub(crate) fn audit(args: &AuditArgs) -> anyhow::Result<()> {
+    let configured = configured_limit(args)?;
+    let taken = inventory::take();
+    let report = judge(&taken, configured.as_ref());
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print_text(&report);
+    }
+    Ok(())
+}
+
+fn configured_limit(args: &AuditArgs) -> anyhow::Result<Option<IdleLimit>> {
+    if let Some(name) = &args.middlebox {
+        let preset = advisor::preset(name).map_err(anyhow::Error::msg)?;
+        return Ok(Some(IdleLimit {
+            seconds: preset.idle_timeout.as_secs(),
+            from: format!("{} ({})", preset.name, preset.what),
+        }));
+    }
+    Ok(args.middlebox_idle_timeout.map(|limit| IdleLimit {
+        seconds: limit.as_secs(),
+        from: "--middlebox-idle-timeout".to_owned(),
+    }))
+}
+
+/// The host's own idle limit for a namespace: its connection tracking, when loaded.
+fn host_limit(settings: Option<&NamespaceSettings>) -> Option<IdleLimit> {
+    settings?
+        .conntrack_established_seconds
+        .map(|seconds| IdleLimit {
+            seconds,
+            from: "net.netfilter.nf_conntrack_tcp_timeout_established".to_owned(),
+        })
+}
+
+fn judge(taken: &Inventory, configured: Option<&IdleLimit>) -> Report {
+    // Both ends of a connection on this host: each can vouch for the other's path.
+    let settings_by_id: HashMap<(u32, SocketAddr, SocketAddr), KeepaliveSettings> = taken
+        .connections
+        .iter()
+        .filter_map(|c| {
+            Some((
+                (c.netns, c.local(), c.remote()),
+                *c.keepalive.as_ref().ok()?,
+            ))
+        })
+        .collect();
+    let connections: Vec<ConnectionJson> = taken
+        .connections
+        .iter()
+        .map(|connection| {
+            let peer =
+                settings_by_id.get(&(connection.netns, connection.remote(), connection.local()));
+            judge_one(
+                connection,
+                peer,
+                taken.namespaces.get(&connection.netns),
+                configured,
+            )
+        })
+        .collect();
+    Report {
+        middlebox_idle_limit: configured.map(|limit| IdleLimitJson {
+            seconds: limit.seconds,
+            from: limit.from.clone(),
+        }),
+        at_risk: connections.iter().filter(|c| c.risk.at_risk()).count(),
+        connections,
+        problems: taken.problems.clone(),
+    }
+}
+
+fn judge_one(
+    connection: &Connection,
+    peer: Option<&KeepaliveSettings>,
+    namespace: Option<&NamespaceSettings>,
+    configured: Option<&IdleLimit>,
+) -> ConnectionJson {
+    let limit = advisor::effective_limit(configured.cloned(), host_limit(namespace));
+    let settings = connection.keepalive.as_ref().ok();
+    let namespace_keepalive = namespace
+        .and_then(|settings| settings.keepalive)
+        .map(|sysctls| {
+            (
+                sysctls.time_seconds,
+                sysctls.interval_seconds,
+                sysctls.probes,
+            )
+        });
+    let idle = Duration::from_millis(u64::from(connection.idle_ms().unwrap_or(0)));
+    let risk = advisor::assess(
+        settings,
+        peer,
+        idle,
+        limit.as_ref(),
+        connection
+            .owner
+            .as_ref()
+            .map(|owner| owner.command.as_str()),
+    );
+    ConnectionJson {
+        netns: connection.netns,
+        local: connection.local().to_string(),
+        remote: connection.remote().to_string(),
+        state: inventory::state_name(connection.socket.state),
+        timer: inventory::timer_name(connection.socket.timer),
+        timer_expires_ms: connection.socket.timer_expires_ms,
+        probes: connection.socket.probes.unwrap_or(0),
+        inode: connection.socket.inode,
+        uid: connection.socket.uid,
+        owner: connection.owner.clone(),
+        keepalive: settings.copied(),
+        keepalive_error: connection.keepalive.as_ref().err().cloned(),
+        namespace_keepalive,
+        settings_origin: settings
+            .filter(|settings| settings.enabled)
+            .map(|settings| settings_origin(settings, namespace_keepalive)),
+        idle_ms: connection.idle_ms(),
+        dead_peer_detection_seconds: settings
+            .and_then(KeepaliveSettings::dead_peer_detection)
+            .map(|detection| detection.as_secs()),
+        idle_limit: limit.map(|limit| IdleLimitJson {
+            seconds: limit.seconds,
+            from: limit.from,
+        }),
+        risk,
+    }
+}
+
+/// Whether the socket's own settings, its namespace's sysctls or Linux's defaults apply
+/// (getsockopt reports the effective values, so equal values are taken as inherited).
+fn settings_origin(
+    settings: &KeepaliveSettings,
+    namespace: Option<(u32, u32, u32)>,
+) -> &'static str {
+    let own = (
+        settings.idle_seconds,
+        settings.interval_seconds,
+        settings.count,
+    );
+    if Some(own) == namespace {
+        if own == LINUX_DEFAULTS {
+            "Linux defaults (namespace sysctls unchanged)"
+        } else {
+            "namespace sysctls"
+        }
+    } else {
+        "set by the application"
+    }
+}
+
+fn print_text(report: &Report) {
+    match &report.middlebox_idle_limit {
+        Some(limit) => println!(
+            "kalive audit: {} TCP connection(s), {} at risk of a {} s middlebox idle limit ({})",
+            report.connections.len(),
+            report.at_risk,
+            limit.seconds,
+            limit.from
+        ),
+        None => println!(
+            "kalive audit: {} TCP connection(s); give --middlebox-idle-timeout or --middlebox to \
+             judge them against a path's idle limit",
+            report.connections.len()
+        ),
+    }
+    println!(
+        "Linux defaults: idle 7200 s, interval 75 s, 9 probes (FreeBSD 7200/75/8, macOS \
+         7200/75/9, Windows 7200/1/10 on the peer's side)"
+    );
+    for connection in &report.connections {
+        let owner = connection.owner.as_ref().map_or_else(
+            || "owner unknown".to_owned(),
+            |owner| format!("{} (pid {}, fd {})", owner.command, owner.pid, owner.fd),
+        );
+        println!();
+        println!(
+            "{} -> {}  {}  netns {}  {}",
+            connection.local, connection.remote, connection.state, connection.netns, owner
+        );
+        let keepalive = match (&connection.keepalive, &connection.keepalive_error) {
+            (Some(settings), _) if settings.enabled => format!(
+                "keepalive on: idle {} s, interval {} s, {} probes{} ({})",
+                settings.idle_seconds,
+                settings.interval_seconds,
+                settings.count,
+                if settings.user_timeout_ms > 0 {
+                    format!(", TCP_USER_TIMEOUT {} ms", settings.user_timeout_ms)
+                } else {
+                    String::new()
+                },
+                connection.settings_origin.unwrap_or("")
+            ),
+            (Some(_), _) => "keepalive off".to_owned(),
+            (None, Some(error)) => format!("keepalive settings unknown: {error}"),
+            (None, None) => "keepalive settings unknown".to_owned(),
+        };
+        println!("  {keepalive}");
+        let detection = connection.dead_peer_detection_seconds.map_or_else(
+            || "a dead peer is never noticed while idle".to_owned(),
+            |seconds| format!("a dead peer is noticed within {seconds} s of idleness"),
+        );
+        let idle = connection
+            .idle_ms
+            .map_or_else(String::new, |ms| format!("idle {} s; ", ms / 1000));
+        println!(
+            "  {idle}timer {} ({} ms, {} unanswered); {detection}",
+            connection.timer, connection.timer_expires_ms, connection.probes
+        );
+        println!("  {}", connection.risk);
+    }
+    for problem in &report.problems {
+        println!("\nnot listed: {problem}");
+    }
+}

@@ -1,0 +1,157 @@
+//! Every TCP connection on the host, in every network namespace, as the kernel describes it
+//! right now: endpoints and state and timer (sock_diag, what `ss -tion` prints), the owning
+//! process (/proc/PID/fd, what `ss -p` prints), the keepalive options its owner set (read
+//! through pidfd_getfd) and the namespace's keepalive sysctls and connection-tracking timeout.
+//! `kalive-daemon audit` judges them with the advisor.
+
+use std::{collections::HashMap, net::SocketAddr};
+
+use crate::{
+    advisor::KeepaliveSettings,
+    kernel::{
+        netns::{in_namespace, NetnsDirectory},
+        procfs::{keepalive_sysctls, KeepaliveSysctls},
+        sock_diag::{Family, SockDiag, TcpSocketState, TimerKind},
+        socket_owners::{keepalive_settings, socket_owners, SocketOwner},
+    },
+};
+
+/// One connection and what is known about it.
+#[derive(Clone, Debug)]
+pub struct Connection {
+    pub netns: u32,
+    pub socket: TcpSocketState,
+    pub owner: Option<SocketOwner>,
+    /// Its keepalive options, or why they could not be read.
+    pub keepalive: Result<KeepaliveSettings, String>,
+}
+
+impl Connection {
+    pub fn local(&self) -> SocketAddr {
+        self.socket.local
+    }
+
+    pub fn remote(&self) -> SocketAddr {
+        self.socket.remote
+    }
+
+    /// How long nothing was sent or received, in ms (the smaller of tcpi_last_data_sent and
+    /// tcpi_last_ack_recv); None without tcp_info.
+    pub fn idle_ms(&self) -> Option<u32> {
+        match (self.socket.last_data_sent_ms, self.socket.last_ack_recv_ms) {
+            (Some(sent), Some(received)) => Some(sent.min(received)),
+            (sent, received) => sent.or(received),
+        }
+    }
+}
+
+/// A namespace's settings that decide how its connections are probed and forgotten.
+#[derive(Clone, Debug, Default)]
+pub struct NamespaceSettings {
+    pub keepalive: Option<KeepaliveSysctls>,
+    /// net.netfilter.nf_conntrack_tcp_timeout_established, when connection tracking is loaded.
+    pub conntrack_established_seconds: Option<u64>,
+}
+
+/// What the host holds, with what could not be read.
+#[derive(Debug, Default)]
+pub struct Inventory {
+    pub connections: Vec<Connection>,
+    pub namespaces: HashMap<u32, NamespaceSettings>,
+    /// Namespaces or families that could not be listed, with the reason.
+    pub problems: Vec<String>,
+}
+
+/// TCP states an audit lists: everything with a peer, not the listeners, not TIME_WAIT (no
+/// owner, no keepalive) and not request sockets.
+fn worth_listing(state: u8) -> bool {
+    !matches!(state, 3 | 6 | 7 | 10)
+}
+
+const CONNTRACK_TIMEOUT: &str = "/proc/sys/net/netfilter/nf_conntrack_tcp_timeout_established";
+
+/// Takes the inventory now.
+pub fn take() -> Inventory {
+    let mut inventory = Inventory::default();
+    let mut diag = SockDiag::new();
+    let mut directory = NetnsDirectory::new();
+    let owners = socket_owners();
+    for netns in diag.namespaces() {
+        for family in [Family::Ipv4, Family::Ipv6] {
+            match diag.dump(netns, family) {
+                Ok(sockets) => {
+                    for socket in sockets.into_iter().filter(|s| worth_listing(s.state)) {
+                        let owner = owners.get(&socket.inode).cloned();
+                        let keepalive = match &owner {
+                            Some(owner) => keepalive_settings(owner).map_err(|err| err.to_string()),
+                            None => Err(format!(
+                                "no process holds socket inode {} (or /proc/PID/fd of its \
+                                 owner cannot be read: that needs CAP_SYS_PTRACE)",
+                                socket.inode
+                            )),
+                        };
+                        inventory.connections.push(Connection {
+                            netns,
+                            socket,
+                            owner,
+                            keepalive,
+                        });
+                    }
+                }
+                Err(err) => inventory
+                    .problems
+                    .push(format!("namespace {netns}, {family:?}: {err}")),
+            }
+        }
+        let settings = match directory.find(netns) {
+            Some(ns) => in_namespace(ns, || NamespaceSettings {
+                keepalive: keepalive_sysctls().ok(),
+                conntrack_established_seconds: std::fs::read_to_string(CONNTRACK_TIMEOUT)
+                    .ok()
+                    .and_then(|text| text.trim().parse().ok()),
+            })
+            .unwrap_or_else(|err| {
+                inventory
+                    .problems
+                    .push(format!("namespace {netns}: reading its sysctls: {err}"));
+                NamespaceSettings::default()
+            }),
+            None => NamespaceSettings::default(),
+        };
+        inventory.namespaces.insert(netns, settings);
+    }
+    inventory
+        .connections
+        .sort_by_key(|connection| (connection.netns, connection.local(), connection.remote()));
+    inventory
+}
+
+/// `ss`'s name of a TCP state.
+pub fn state_name(state: u8) -> &'static str {
+    match state {
+        1 => "ESTAB",
+        2 => "SYN-SENT",
+        3 => "SYN-RECV",
+        4 => "FIN-WAIT-1",
+        5 => "FIN-WAIT-2",
+        6 => "TIME-WAIT",
+        7 => "UNCONN",
+        8 => "CLOSE-WAIT",
+        9 => "LAST-ACK",
+        10 => "LISTEN",
+        11 => "CLOSING",
+        _ => "UNKNOWN",
+    }
+}
+
+/// `ss -o`'s name of a timer.
+pub fn timer_name(timer: TimerKind) -> &'static str {
+    match timer {
+        TimerKind::None => "none",
+        TimerKind::Retransmit => "on",
+        TimerKind::KeepaliveOrFinWait2 => "keepalive",
+        TimerKind::TimeWait => "timewait",
+        TimerKind::ZeroWindowProbe => "persist",
+        TimerKind::Other(_) => "unknown",
+    }
+}
