@@ -210,10 +210,15 @@ fn connections_over_the_cap_wait_only_for_requests_in_progress() {
             stream
                 .write_all(b"GET /api/v1/connections?limit=100000 HTTP/1.1\r\nhost: kalive\r\n\r\n")
                 .expect("send");
+            // The answer has begun: the request is in progress (its first bytes, no more).
+            let mut status_line = [0u8; 12];
+            stream
+                .read_exact(&mut status_line)
+                .expect("the answer begins");
+            assert_eq!(&status_line, b"HTTP/1.1 200");
             stream
         })
         .collect();
-    std::thread::sleep(Duration::from_millis(500));
     let (status, answer) = server.get("/metrics");
     assert_eq!(status, 503, "{answer}");
     assert!(
