@@ -195,6 +195,10 @@ pub struct CollectorOptions {
     pub log_probes: bool,
     /// Labels and the series cap of the per-connection counters.
     pub series: SeriesOptions,
+    /// The middlebox idle limit of the paths (`--middlebox-idle-timeout`): connections whose
+    /// keepalive waits longer are at risk, and those that die after idling longer are
+    /// `idle_killed`.
+    pub idle_limit: Option<Duration>,
 }
 
 /// A running collector. Dropping it detaches the programs.
@@ -248,7 +252,11 @@ impl Collector {
         metrics.set_hook(loaded.mode.name(), &loaded.programs);
         metrics.set_build(env!("CARGO_PKG_VERSION"), &kernel);
         let shared = Shared::new(Collected {
-            table: ConnectionTable::new(loaded.units, options.history_limit),
+            table: {
+                let mut table = ConnectionTable::new(loaded.units, options.history_limit);
+                table.set_idle_limit(options.idle_limit);
+                table
+            },
             stats: CollectorStats::default(),
             metrics,
             health: Health::new(),

@@ -151,6 +151,10 @@ pub struct ConnectionJson {
     pub reset_received: bool,
     pub last_error: Option<String>,
     pub hook_mode: String,
+    /// Its keepalive waits at least the middlebox idle limit (`--middlebox-idle-timeout`)
+    /// before the first probe: the path will forget it first.
+    #[serde(default)]
+    pub at_risk: bool,
 }
 
 /// The answer of `/api/v1/connections`.
@@ -185,6 +189,10 @@ pub struct EventJson {
     pub signal: Option<String>,
     #[serde(default)]
     pub detail: Option<String>,
+    /// For ended connections: it ended by a timeout or an RST after sitting idle at least the
+    /// middlebox idle limit (the path most likely forgot it).
+    #[serde(default)]
+    pub idle_killed: bool,
     pub connection: ConnectionJson,
 }
 

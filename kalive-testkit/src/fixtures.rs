@@ -292,6 +292,7 @@ pub fn connection_json(
         reset_received: matches!(state, PeerStateKind::Rebooted | PeerStateKind::Reset),
         last_error: None,
         hook_mode: "tracepoint".into(),
+        at_risk: false,
     }
 }
 
@@ -319,6 +320,7 @@ pub fn event_json(
         error: (to == "dead").then(|| "ETIMEDOUT".to_owned()),
         signal: None,
         detail: None,
+        idle_killed: false,
         connection,
     }
 }

@@ -58,6 +58,7 @@ impl Kalive {
             answer_checks_per_second: DEFAULT_ANSWER_CHECKS_PER_SECOND,
             log_probes: false,
             series: Default::default(),
+            idle_limit: None,
         })
     }
 

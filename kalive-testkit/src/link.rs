@@ -23,7 +23,7 @@
 //! ```
 
 use std::{
-    collections::{BTreeSet, VecDeque},
+    collections::{BTreeSet, HashMap, HashSet, VecDeque},
     fs::OpenOptions,
     io,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
@@ -225,6 +225,22 @@ impl Link {
             .store(packets, Ordering::SeqCst);
     }
 
+    /// Puts a middlebox on the link that forgets a TCP connection after `limit` without a
+    /// packet either way, as a firewall, NAT or load balancer does: from then on it silently
+    /// drops every packet of that connection, in both directions. None takes it away (and
+    /// forgets what it knew).
+    pub fn forget_idle_connections(&self, limit: Option<Duration>) {
+        *lock(&self.shared.middlebox) = Middlebox {
+            idle_limit: limit,
+            ..Middlebox::default()
+        };
+    }
+
+    /// How many connections the middlebox has forgotten.
+    pub fn forgotten_connections(&self) -> usize {
+        lock(&self.shared.middlebox).forgotten.len()
+    }
+
     /// How many packets were written to the far side in `direction`.
     pub fn forwarded(&self, direction: Direction) -> u64 {
         self.shared.lane(direction).forwarded.load(Ordering::SeqCst)
@@ -261,6 +277,8 @@ struct Shared {
     delay_nanos: AtomicU64,
     /// TCP ports whose segments are dropped in both directions.
     blackholed_ports: Mutex<BTreeSet<u16>>,
+    /// The stateful middlebox on the link, when one is set.
+    middlebox: Mutex<Middlebox>,
     /// Per direction, indexed by [`Direction::index`].
     lanes: [Lane; 2],
     /// Set once, when the link is dropped; the writers check it under their queue's lock.
@@ -300,6 +318,7 @@ impl Shared {
         let shared = Shared {
             delay_nanos: AtomicU64::new(0),
             blackholed_ports: Mutex::default(),
+            middlebox: Mutex::default(),
             lanes: Default::default(),
             stopping: AtomicBool::new(false),
             stop_event: new_eventfd(),
@@ -362,6 +381,7 @@ impl Shared {
     fn should_drop(&self, lane: &Lane, packet: &[u8]) -> bool {
         lane.blackholed.load(Ordering::SeqCst)
             || self.port_blackholed(packet)
+            || lock(&self.middlebox).forgets(packet, Instant::now())
             || take_one(&lane.drop_next)
     }
 
@@ -419,6 +439,47 @@ fn take_one(counter: &AtomicU64) -> bool {
             left.checked_sub(1)
         })
         .is_ok()
+}
+
+/// A stateful middlebox that forgets idle connections (see [`Link::forget_idle_connections`]).
+#[derive(Default)]
+struct Middlebox {
+    idle_limit: Option<Duration>,
+    /// When each connection (IP version and its two ports, lower first) last passed.
+    last_seen: HashMap<(u8, u16, u16), Instant>,
+    /// Connections it no longer knows: their packets are dropped.
+    forgotten: HashSet<(u8, u16, u16)>,
+}
+
+impl Middlebox {
+    /// Whether `packet`, arriving at `now`, belongs to a connection the middlebox forgot (or
+    /// forgets now, after its idle limit without a packet).
+    fn forgets(&mut self, packet: &[u8], now: Instant) -> bool {
+        let Some(limit) = self.idle_limit else {
+            return false;
+        };
+        let (Some(version), Some((source, destination))) = (packet.first(), tcp_ports(packet))
+        else {
+            return false;
+        };
+        let key = (
+            version >> 4,
+            source.min(destination),
+            source.max(destination),
+        );
+        if self.forgotten.contains(&key) {
+            return true;
+        }
+        if let Some(last) = self.last_seen.get(&key) {
+            if now.saturating_duration_since(*last) > limit {
+                self.last_seen.remove(&key);
+                self.forgotten.insert(key);
+                return true;
+            }
+        }
+        self.last_seen.insert(key, now);
+        false
+    }
 }
 
 /// Locks `mutex`, going on through poisoning: a panicked forwarder thread is reported on drop.
@@ -694,6 +755,32 @@ mod tests {
         assert_eq!(tcp_ports(&ipv6(0, &PORTS)), None);
         assert_eq!(tcp_ports(&ipv4(6, 0, &PORTS[..3])), None);
         assert_eq!(tcp_ports(&[]), None);
+    }
+
+    #[test]
+    fn the_middlebox_forgets_a_connection_idle_past_its_limit() {
+        let segment = |source: u16, destination: u16| {
+            let mut tcp = vec![0u8; 20];
+            tcp[0..2].copy_from_slice(&source.to_be_bytes());
+            tcp[2..4].copy_from_slice(&destination.to_be_bytes());
+            ipv4(IPPROTO_TCP, 0, &tcp)
+        };
+        let start = Instant::now();
+        let mut middlebox = Middlebox {
+            idle_limit: Some(Duration::from_secs(5)),
+            ..Middlebox::default()
+        };
+        let at = |seconds: u64| start + Duration::from_secs(seconds);
+        assert!(!middlebox.forgets(&segment(40000, 80), at(0)));
+        // Busy in either direction: kept.
+        assert!(!middlebox.forgets(&segment(80, 40000), at(4)));
+        assert!(!middlebox.forgets(&segment(40000, 80), at(8)));
+        // Idle past the limit: forgotten, both ways, for good.
+        assert!(middlebox.forgets(&segment(80, 40000), at(14)));
+        assert!(middlebox.forgets(&segment(40000, 80), at(15)));
+        // Other connections are not touched.
+        assert!(!middlebox.forgets(&segment(40001, 80), at(15)));
+        assert_eq!(middlebox.forgotten.len(), 1);
     }
 
     #[test]

@@ -168,7 +168,13 @@ impl ConnectionsQuery {
 }
 
 /// One connection as the API shows it.
-pub fn connection_json(conn: &Connection, clock: &Clock, hook_mode: &str) -> ConnectionJson {
+/// One connection as the API shows it; `at_risk` from the table's idle limit.
+pub fn connection_json(
+    conn: &Connection,
+    at_risk: bool,
+    clock: &Clock,
+    hook_mode: &str,
+) -> ConnectionJson {
     let stamp = |ns: u64| (ns != 0).then_some(ns);
     ConnectionJson {
         id: conn.id,
@@ -204,6 +210,7 @@ pub fn connection_json(conn: &Connection, clock: &Clock, hook_mode: &str) -> Con
         reset_received: conn.reset_received,
         last_error: (conn.last_error != 0).then(|| errno_name(conn.last_error)),
         hook_mode: hook_mode.to_owned(),
+        at_risk,
     }
 }
 
@@ -229,7 +236,7 @@ pub fn connections(
         limit: query.limit,
         connections: matching
             .into_iter()
-            .map(|conn| connection_json(conn, clock, hook_mode))
+            .map(|conn| connection_json(conn, table.at_risk(conn), clock, hook_mode))
             .collect(),
     }
 }
@@ -264,7 +271,12 @@ impl EventsQuery {
     }
 }
 
-fn event_json(entry: &HistoryEntry, clock: &Clock, hook_mode: &str) -> EventJson {
+fn event_json(
+    entry: &HistoryEntry,
+    table: &ConnectionTable,
+    clock: &Clock,
+    hook_mode: &str,
+) -> EventJson {
     match &entry.change {
         Change::PeerState(change) => EventJson {
             seq: entry.seq,
@@ -276,7 +288,13 @@ fn event_json(entry: &HistoryEntry, clock: &Clock, hook_mode: &str) -> EventJson
             error: None,
             signal: None,
             detail: None,
-            connection: connection_json(&change.connection, clock, hook_mode),
+            idle_killed: false,
+            connection: connection_json(
+                &change.connection,
+                table.at_risk(&change.connection),
+                clock,
+                hook_mode,
+            ),
         },
         Change::Ended(ended) => EventJson {
             seq: entry.seq,
@@ -288,7 +306,13 @@ fn event_json(entry: &HistoryEntry, clock: &Clock, hook_mode: &str) -> EventJson
             error: (ended.error != 0).then(|| errno_name(ended.error)),
             signal: Some(ended.signal.name().to_owned()),
             detail: Some(ended.signal.meaning().to_owned()),
-            connection: connection_json(&ended.connection, clock, hook_mode),
+            idle_killed: ended.idle_killed,
+            connection: connection_json(
+                &ended.connection,
+                table.at_risk(&ended.connection),
+                clock,
+                hook_mode,
+            ),
         },
     }
 }
@@ -327,7 +351,7 @@ pub fn events(
         truncated: available > page.len(),
         events: page
             .iter()
-            .map(|entry| event_json(entry, clock, hook_mode))
+            .map(|entry| event_json(entry, table, clock, hook_mode))
             .collect(),
     }
 }

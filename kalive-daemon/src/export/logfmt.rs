@@ -47,10 +47,15 @@ pub fn format_notice(notice: &Notice, log_probes: bool) -> Option<String> {
             )
         }
         Notice::Ended(ended) => format!(
-            "event=outcome outcome={} error={} signal={} {}",
+            "event=outcome outcome={} error={} signal={}{} {}",
             ended.outcome,
             errno_name(ended.error),
             ended.signal,
+            if ended.idle_killed {
+                " idle_killed=true"
+            } else {
+                ""
+            },
             describe(&ended.connection)
         ),
     })

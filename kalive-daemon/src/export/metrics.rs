@@ -162,6 +162,8 @@ pub struct Metrics {
     probe_send_failures: IntCounterVec,
     keepalive_timeouts: IntCounterVec,
     peer_outcomes: IntCounterVec,
+    idle_killed: IntCounterVec,
+    connections_at_risk: IntGaugeVec,
     resets_received: IntCounterVec,
     resets_sent: IntCounterVec,
     dead_peer_detection: HistogramVec,
@@ -236,6 +238,19 @@ impl Metrics {
                 "peer_outcomes_total",
                 "Tracked keepalive connections that ended, by what kalive concluded about the peer.",
                 &with("outcome"),
+            )?,
+            idle_killed: counter(
+                "idle_killed_total",
+                "Tracked connections that ended by a timeout or an RST after sitting idle at least \
+                 the middlebox idle limit (--middlebox-idle-timeout): the path most likely forgot \
+                 them.",
+                &series_names,
+            )?,
+            connections_at_risk: gauge(
+                "connections_at_risk",
+                "Tracked connections a middlebox idle limit (--middlebox-idle-timeout) will kill; \
+                 reason keepalive_idle_above_limit: the first probe comes after the limit.",
+                &["reason"],
             )?,
             resets_received: counter(
                 "tcp_resets_received_total",
@@ -420,6 +435,7 @@ impl Metrics {
                         .observe(detection.as_secs_f64());
                 }
             }
+            Count::IdleKilled => self.idle_killed.with_label_values(&labels).inc(),
         }
     }
 
@@ -496,6 +512,13 @@ impl Metrics {
                     .set(0);
             }
         }
+        let at_risk = table
+            .connections()
+            .filter(|conn| table.at_risk(conn))
+            .count();
+        self.connections_at_risk
+            .with_label_values(&["keepalive_idle_above_limit"])
+            .set(i64::try_from(at_risk).unwrap_or(i64::MAX));
         let mut idle = [0i64; IDLE_BOUNDS.len() + 1];
         let mut interval = [0i64; INTERVAL_BOUNDS.len() + 1];
         let mut probes = [0i64; PROBE_BOUNDS.len() + 1];

@@ -77,6 +77,11 @@ pub struct Connection {
     pub last_run_ns: u64,
     /// How long the connection had received nothing at its last timer run.
     pub idle_at_last_run: Duration,
+    /// How long it had received nothing when the probes now unanswered began (None while no
+    /// probe is outstanding): a middlebox that forgot the flow did so within this idle time.
+    pub idle_before_probing: Option<Duration>,
+    /// How long it had received nothing when an RST arrived outside a probe.
+    pub idle_at_reset: Option<Duration>,
     pub peer_state: PeerState,
     pub reset_received: bool,
     pub reset_during_probe: bool,
@@ -104,6 +109,9 @@ pub struct EndedConnection {
     pub signal: Signal,
     pub error: i32,
     pub ended_ns: u64,
+    /// It ended by a timeout or an RST after sitting idle at least the configured middlebox
+    /// idle limit (`--middlebox-idle-timeout`): the path most likely forgot it.
+    pub idle_killed: bool,
 }
 
 /// A peer-state change of a live connection (alive -> probing 1/3 -> probing 2/3, -> rebooted).

@@ -133,6 +133,9 @@ pub struct ConnectionTable {
     next_id: u64,
     /// Answer checks by (when due, socket), with the connection's first sighting.
     checks: BTreeSet<(u64, u64, u64)>,
+    /// The idle limit of the paths (`--middlebox-idle-timeout`), for `at_risk` and
+    /// `idle_killed`.
+    idle_limit: Option<Duration>,
 }
 
 impl ConnectionTable {
@@ -144,7 +147,24 @@ impl ConnectionTable {
             totals: BTreeMap::new(),
             next_id: 1,
             checks: BTreeSet::new(),
+            idle_limit: None,
         }
+    }
+
+    /// Holds connections to a middlebox idle limit from now on.
+    pub fn set_idle_limit(&mut self, limit: Option<Duration>) {
+        self.idle_limit = limit;
+    }
+
+    pub fn idle_limit(&self) -> Option<Duration> {
+        self.idle_limit
+    }
+
+    /// True when the connection's keepalive waits at least the idle limit before its first
+    /// probe: the path forgets it first.
+    pub fn at_risk(&self, conn: &Connection) -> bool {
+        self.idle_limit
+            .is_some_and(|limit| conn.keepalive_on && conn.settings.idle >= limit)
     }
 
     pub fn connections(&self) -> impl Iterator<Item = &Connection> {
@@ -380,6 +400,8 @@ impl ConnectionTable {
             last_probe_ns: 0,
             last_run_ns: 0,
             idle_at_last_run: Duration::ZERO,
+            idle_before_probing: None,
+            idle_at_reset: None,
             peer_state: PeerState::Alive,
             reset_received: false,
             reset_during_probe: false,
@@ -457,6 +479,7 @@ impl ConnectionTable {
         }
         conn.probes_answered += 1;
         conn.probes_outstanding = 0;
+        conn.idle_before_probing = None;
         self.tally(applied, Origin::of(conn), Count::ProbesAnswered(1));
         self.set_peer_state(conn, PeerState::Alive, time_ns);
     }
@@ -555,6 +578,10 @@ impl ConnectionTable {
             applied.notices.push(Notice::ProbeSendFailed(conn.clone()));
         }
         let closed = flags & event_flag::CLOSED_IN_RUN != 0;
+        if probes.attempted && event.probes_out_before == 0 {
+            // The first probe of a sequence: the connection sat idle this long.
+            conn.idle_before_probing = Some(conn.idle_at_last_run);
+        }
         if probes.attempted && !closed {
             conn.last_probe_ns = event.time_ns;
             if event.after.probes_out > 0 {
@@ -608,6 +635,10 @@ impl ConnectionTable {
         if let Some(mut conn) = self.known(event).cloned() {
             conn.reset_received = true;
             conn.reset_during_probe |= during_probe;
+            if !during_probe {
+                let quiet = event.after.jiffies.wrapping_sub(event.after.rcv_tstamp);
+                conn.idle_at_reset = Some(self.units.jiffies(quiet));
+            }
             let state = if during_probe {
                 PeerState::Rebooted
             } else {
@@ -681,6 +712,10 @@ impl ConnectionTable {
             conn.last_error = ending.error;
         }
         let origin = Origin::of(&conn);
+        let idle_killed = self.idle_killed(&conn, outcome);
+        if idle_killed {
+            self.tally(applied, origin.clone(), Count::IdleKilled);
+        }
         if outcome.is_timeout() {
             if let Some(timer) = ending.timer {
                 self.tally(applied, origin.clone(), Count::Timeout { timer });
@@ -702,9 +737,27 @@ impl ConnectionTable {
             signal,
             error: ending.error,
             ended_ns: time_ns,
+            idle_killed,
         };
         self.history.record(Change::Ended(ended.clone()));
         applied.notices.push(Notice::Ended(ended));
+    }
+}
+
+impl ConnectionTable {
+    /// A timeout or an RST after the connection sat idle at least the idle limit: what a
+    /// middlebox that forgets idle flows causes (it drops the probes, or answers them, or the
+    /// next data, with an RST).
+    fn idle_killed(&self, conn: &Connection, outcome: PeerState) -> bool {
+        let Some(limit) = self.idle_limit else {
+            return false;
+        };
+        let failed = matches!(
+            outcome,
+            PeerState::Dead | PeerState::Rebooted | PeerState::Reset | PeerState::Unreachable
+        );
+        let idle = conn.idle_before_probing.max(conn.idle_at_reset);
+        failed && idle.is_some_and(|idle| idle >= limit)
     }
 }
 

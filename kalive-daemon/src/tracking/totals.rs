@@ -62,6 +62,8 @@ pub enum Count {
         /// For keepalive timeouts: from the last data received to the timeout.
         detection: Option<Duration>,
     },
+    /// A connection ended after sitting idle past the middlebox idle limit (`idle_killed`).
+    IdleKilled,
 }
 
 /// One count, with the connection it belongs to.
@@ -91,6 +93,8 @@ pub struct Totals {
     pub resets_sent: BTreeMap<String, u64>,
     /// Ended connections by outcome name.
     pub outcomes: BTreeMap<&'static str, u64>,
+    /// Of those, the ones that ended after sitting idle past the middlebox idle limit.
+    pub idle_killed: u64,
 }
 
 impl Totals {
@@ -120,6 +124,7 @@ impl Totals {
             Count::Ended { outcome, .. } => {
                 *self.outcomes.entry(outcome.name()).or_default() += 1;
             }
+            Count::IdleKilled => self.idle_killed += 1,
         }
     }
 
@@ -137,6 +142,7 @@ impl Totals {
         self.keepalive_timeouts += other.keepalive_timeouts;
         self.resets_received += other.resets_received;
         self.resets_received_during_probe += other.resets_received_during_probe;
+        self.idle_killed += other.idle_killed;
         for (reason, n) in &other.resets_sent {
             *self.resets_sent.entry(reason.clone()).or_default() += n;
         }

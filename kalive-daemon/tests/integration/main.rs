@@ -15,6 +15,7 @@ mod fleet_files;
 mod http_server;
 mod least_privilege;
 mod metrics_vs_kernel;
+mod middlebox;
 mod overflow;
 mod privileged;
 mod real_link;

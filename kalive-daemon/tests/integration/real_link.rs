@@ -699,6 +699,7 @@ fn more_connections_than_the_map_holds() {
         answer_checks_per_second: 1_000,
         log_probes: false,
         series: Default::default(),
+        idle_limit: None,
     });
     let link = Link::new(LinkConfig::default());
     let netns = link.client.inum;

@@ -215,6 +215,7 @@ fn run_mode(runtime: &tokio::runtime::Runtime, mode: HookMode) {
         answer_checks_per_second: DEFAULT_ANSWER_CHECKS_PER_SECOND,
         log_probes: false,
         series: Default::default(),
+        idle_limit: None,
     };
     let started = {
         let _guard = runtime.enter();

@@ -56,10 +56,12 @@ struct ConnectionJson {
     /// The limit this connection was held to (the shorter of the given one and the host's).
     idle_limit: Option<IdleLimitJson>,
     risk: Risk,
+    /// For a connection at risk: the keepalive idle (TCP_KEEPIDLE) the fix sets.
+    suggested_idle_seconds: Option<u64>,
 }
 
 pub(crate) fn audit(args: &AuditArgs) -> anyhow::Result<()> {
-    let configured = configured_limit(args)?;
+    let configured = args.middlebox.limit();
     let taken = inventory::take();
     let report = judge(&taken, configured.as_ref());
     if args.json {
@@ -68,20 +70,6 @@ pub(crate) fn audit(args: &AuditArgs) -> anyhow::Result<()> {
         print_text(&report);
     }
     Ok(())
-}
-
-fn configured_limit(args: &AuditArgs) -> anyhow::Result<Option<IdleLimit>> {
-    if let Some(name) = &args.middlebox {
-        let preset = advisor::preset(name).map_err(anyhow::Error::msg)?;
-        return Ok(Some(IdleLimit {
-            seconds: preset.idle_timeout.as_secs(),
-            from: format!("{} ({})", preset.name, preset.what),
-        }));
-    }
-    Ok(args.middlebox_idle_timeout.map(|limit| IdleLimit {
-        seconds: limit.as_secs(),
-        from: "--middlebox-idle-timeout".to_owned(),
-    }))
 }
 
 /// The host's own idle limit for a namespace: its connection tracking, when loaded.
@@ -180,6 +168,13 @@ fn judge_one(
         dead_peer_detection_seconds: settings
             .and_then(KeepaliveSettings::dead_peer_detection)
             .map(|detection| detection.as_secs()),
+        suggested_idle_seconds: (risk.at_risk())
+            .then(|| {
+                limit
+                    .as_ref()
+                    .map(|limit| advisor::suggested_idle(limit.seconds))
+            })
+            .flatten(),
         idle_limit: limit.map(|limit| IdleLimitJson {
             seconds: limit.seconds,
             from: limit.from,

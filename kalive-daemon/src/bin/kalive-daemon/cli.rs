@@ -141,6 +141,9 @@ pub(crate) struct RunArgs {
     /// Most label sets the per-connection counters may have; more are folded into port="other".
     #[arg(long, default_value_t = DEFAULT_MAX_SERIES as u32, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub(crate) max_series: u32,
+
+    #[command(flatten)]
+    pub(crate) middlebox: MiddleboxArgs,
 }
 
 /// `kalive-daemon top`: reads a running daemon's API (no root needed), or runs the collector
@@ -214,14 +217,41 @@ pub(crate) struct AuditArgs {
     #[arg(long)]
     pub(crate) json: bool,
 
+    #[command(flatten)]
+    pub(crate) middlebox: MiddleboxArgs,
+}
+
+/// The idle limit of the paths, for `audit` and `run`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct MiddleboxArgs {
     /// The idle limit of the path (firewall, NAT, load balancer): a connection whose keepalive
-    /// waits longer, or that has no keepalive and sat idle longer, is at risk. 350s, 5m, 2h.
+    /// waits longer, or that has no keepalive and sat idle longer, is at risk; one that dies
+    /// after idling longer is idle_killed. 350s, 5m, 2h.
     #[arg(long, value_name = "DURATION", value_parser = parse_middlebox_timeout)]
     pub(crate) middlebox_idle_timeout: Option<std::time::Duration>,
 
     /// A middlebox whose idle limit kalive knows, instead of --middlebox-idle-timeout.
     #[arg(long, value_name = "PRESET", conflicts_with = "middlebox_idle_timeout", value_parser = middlebox_parser())]
     pub(crate) middlebox: Option<String>,
+}
+
+impl MiddleboxArgs {
+    /// The limit given, with where it comes from; None when neither option is.
+    pub(crate) fn limit(&self) -> Option<kalive_daemon::advisor::IdleLimit> {
+        if let Some(name) = &self.middlebox {
+            // clap accepted only a preset's name.
+            let preset = kalive_daemon::advisor::preset(name).ok()?;
+            return Some(kalive_daemon::advisor::IdleLimit {
+                seconds: preset.idle_timeout.as_secs(),
+                from: format!("{} ({})", preset.name, preset.what),
+            });
+        }
+        self.middlebox_idle_timeout
+            .map(|limit| kalive_daemon::advisor::IdleLimit {
+                seconds: limit.as_secs(),
+                from: "--middlebox-idle-timeout".to_owned(),
+            })
+    }
 }
 
 fn parse_middlebox_timeout(text: &str) -> Result<std::time::Duration, String> {

@@ -438,6 +438,33 @@ mod tests {
     }
 
     #[test]
+    fn at_risk_connections_are_marked_and_filtered() {
+        let mut conns = sample();
+        conns[2].at_risk = true;
+        let mut app = App::new(30.0);
+        app.apply(snapshot(1000.0, conns, events(vec![], false)));
+        assert!(app.set_filter("at-risk"), "{:?}", app.filter_error);
+        assert_eq!(ids(&app), [3]);
+        assert!(app.set_filter("at-risk port:443"));
+        assert_eq!(ids(&app), [3]);
+        assert!(app.set_filter("at-risk port:6379"));
+        assert!(ids(&app).is_empty());
+        assert!(app.set_filter(""));
+        let keepalive_cells: Vec<String> = app
+            .visible()
+            .map(|row| crate::top::ui::cells(row)[Column::Keepalive.index()].clone())
+            .collect();
+        assert_eq!(
+            keepalive_cells
+                .iter()
+                .filter(|cell| cell.ends_with(" AT RISK"))
+                .count(),
+            1,
+            "{keepalive_cells:?}"
+        );
+    }
+
+    #[test]
     fn filter_is_typed_after_slash_and_cleared_with_escape() {
         let mut app = App::new(30.0);
         app.apply(snapshot(1000.0, sample(), events(vec![], false)));

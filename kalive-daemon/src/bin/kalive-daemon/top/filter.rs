@@ -12,6 +12,8 @@ enum Term {
     /// A state name or its start ("prob", "dead").
     State(Vec<String>),
     Netns(Vec<u32>),
+    /// `at-risk`: connections the daemon's middlebox idle limit will kill.
+    AtRisk,
 }
 
 /// The parsed `/` filter.
@@ -21,14 +23,18 @@ pub(crate) struct Filter {
     terms: Vec<Term>,
 }
 
-const FILTER_HELP: &str = "use port:N, addr:TEXT, state:NAME, netns:N, or a bare port, address or \
-                           state; separate alternatives with commas";
+const FILTER_HELP: &str = "use port:N, addr:TEXT, state:NAME, netns:N, at-risk, or a bare port, \
+                           address or state; separate alternatives with commas";
 
 impl Filter {
     /// Parses `text`; an error names the bad term and the accepted forms.
     pub(crate) fn parse(text: &str) -> Result<Filter, String> {
         let mut terms = Vec::new();
         for word in text.split_whitespace() {
+            if word.eq_ignore_ascii_case("at-risk") {
+                terms.push(Term::AtRisk);
+                continue;
+            }
             let (key, values) = match word.split_once(':') {
                 Some((key @ ("port" | "addr" | "state" | "netns"), values)) => (key, values),
                 _ => ("", word),
@@ -97,6 +103,7 @@ impl Filter {
             Term::State(names) => names
                 .iter()
                 .any(|name| row.state().name().starts_with(name.as_str())),
+            Term::AtRisk => row.conn.at_risk,
         })
     }
 }

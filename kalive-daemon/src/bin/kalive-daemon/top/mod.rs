@@ -108,6 +108,7 @@ pub(crate) async fn run(args: TopArgs) -> Result<(), TopError> {
                 answer_checks_per_second: DEFAULT_ANSWER_CHECKS_PER_SECOND,
                 log_probes: false,
                 series: SeriesOptions::default(),
+                idle_limit: None,
             },
             cancel.clone(),
         )

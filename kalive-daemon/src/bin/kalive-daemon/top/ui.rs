@@ -57,10 +57,12 @@ pub(crate) fn cells(row: &Row) -> [String; 9] {
         row.local.to_string(),
         row.remote.to_string(),
         format!(
-            "{}/{}/{}",
+            "{}/{}/{}{}",
             setting(c.keepalive.idle_seconds),
             setting(c.keepalive.interval_seconds),
-            c.keepalive.probes
+            c.keepalive.probes,
+            // The daemon's --middlebox-idle-timeout: the first probe comes after it.
+            if c.at_risk { " AT RISK" } else { "" }
         ),
         duration(c.idle_seconds),
         format!("{}/{}", c.probes_outstanding, c.keepalive.probes),
@@ -370,6 +372,13 @@ pub(crate) fn detail_lines(app: &App, row: &Row) -> Vec<String> {
             ka.user_timeout_seconds
                 .map_or_else(|| "none".to_owned(), setting)
         ),
+        if c.at_risk {
+            "middlebox: AT RISK, keepalive waits longer than the idle limit the daemon was given \
+             (--middlebox-idle-timeout); `kalive-daemon audit` names the fix"
+                .to_owned()
+        } else {
+            "middlebox: not at risk (or no idle limit given)".to_owned()
+        },
         format!(
             "probes sent {}, answered {}, outstanding {}/{}, send failures {}",
             c.probes_sent,
