@@ -24,6 +24,7 @@ use crate::{
         logfmt::log_notice,
         metrics::{Metrics, SeriesOptions},
     },
+    inventory,
     kernel::{
         decode::decode,
         ebpf_log::{self, EbpfLogLevel},
@@ -55,6 +56,8 @@ const MAP_COUNT_POLL: Duration = Duration::from_secs(5);
 const UNSEEN_POLL: Duration = Duration::from_secs(1);
 /// Least time between two scans of /proc for the namespaces of that comparison.
 const UNSEEN_RESCAN: Duration = Duration::from_secs(10);
+/// How often the host's keepalive connections are listed again for adoption.
+const ADOPT_RESCAN: Duration = Duration::from_secs(30);
 /// A drain loop silent for longer than this is reported unhealthy.
 const DRAIN_STALE_AFTER: Duration = Duration::from_secs(5);
 
@@ -199,6 +202,9 @@ pub struct CollectorOptions {
     /// keepalive waits longer are at risk, and those that die after idling longer are
     /// `idle_killed`.
     pub idle_limit: Option<Duration>,
+    /// Adopt the keepalive connections older than the daemon (an inventory at start, then every
+    /// ADOPT_RESCAN), rather than wait for their first keepalive run.
+    pub adopt_existing: bool,
 }
 
 /// A running collector. Dropping it detaches the programs.
@@ -272,6 +278,9 @@ impl Collector {
         let ring = unsafe { AsyncFd::register(ring) }
             .map_err(|err| CollectorError::Poll(std::io::Error::from(err)))?;
         let programs = ProgramHandles::new(&ebpf, &loaded.programs);
+        if options.adopt_existing {
+            tokio::spawn(adopt_periodically(shared.clone(), cancel.clone()));
+        }
         let task = tokio::spawn(drain_until_stopped(
             Kernel {
                 ring,
@@ -386,6 +395,40 @@ async fn drain(
             }
         }
         shared.lock().health.last_drain = Instant::now();
+    }
+}
+
+/// Adopts the host's keepalive connections the table does not hold (at once, then every
+/// ADOPT_RESCAN): they are shown from the daemon's first seconds, not at their first keepalive
+/// run, which may be hours away. The inventory (sock_diag in every namespace, /proc, the
+/// owners' socket options) runs on a blocking thread.
+async fn adopt_periodically(shared: Shared, cancel: CancellationToken) {
+    loop {
+        let taken = tokio::task::spawn_blocking(|| {
+            let taken = inventory::take();
+            (inventory::keepalive_found(&taken), taken.problems)
+        })
+        .await;
+        match taken {
+            Ok((found, problems)) => {
+                let seen = found.len();
+                let new = shared.lock().table.adopt(found, boot_time_ns());
+                if new > 0 {
+                    log::info!(
+                        "adopted {new} keepalive connection(s) kalive had not seen ({seen} found \
+                         on the host)"
+                    );
+                }
+                for problem in problems {
+                    log::warn!("listing the host's connections: {problem}");
+                }
+            }
+            Err(err) => log::warn!("listing the host's connections failed: {err}"),
+        }
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            () = tokio::time::sleep(ADOPT_RESCAN) => {}
+        }
     }
 }
 

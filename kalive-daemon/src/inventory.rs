@@ -4,7 +4,7 @@
 //! through pidfd_getfd) and the namespace's keepalive sysctls and connection-tracking timeout.
 //! `kalive-daemon audit` judges them with the advisor.
 
-use std::{collections::HashMap, net::SocketAddr};
+use std::{collections::HashMap, net::SocketAddr, time::Duration};
 
 use crate::{
     advisor::KeepaliveSettings,
@@ -14,6 +14,7 @@ use crate::{
         sock_diag::{Family, SockDiag, TcpSocketState, TimerKind},
         socket_owners::{keepalive_settings, socket_owners, SocketOwner},
     },
+    tracking::connection::{Found, KeepaliveSettings as TrackedSettings},
 };
 
 /// One connection and what is known about it.
@@ -124,6 +125,40 @@ pub fn take() -> Inventory {
         .connections
         .sort_by_key(|connection| (connection.netns, connection.local(), connection.remote()));
     inventory
+}
+
+/// The connections of `inventory` with keepalive on whose settings could be read, as the table
+/// adopts them (not those still connecting).
+pub fn keepalive_found(inventory: &Inventory) -> Vec<Found> {
+    inventory
+        .connections
+        .iter()
+        .filter(|connection| connection.socket.state != 2)
+        .filter_map(|connection| {
+            let settings = connection.keepalive.as_ref().ok().filter(|s| s.enabled)?;
+            Some(Found {
+                netns: connection.netns,
+                local: connection.local(),
+                remote: connection.remote(),
+                settings: TrackedSettings {
+                    idle: Duration::from_secs(u64::from(settings.idle_seconds)),
+                    interval: Duration::from_secs(u64::from(settings.interval_seconds)),
+                    probe_limit: settings.count,
+                    user_timeout: (settings.user_timeout_ms > 0)
+                        .then(|| Duration::from_millis(u64::from(settings.user_timeout_ms))),
+                },
+                probes_outstanding: u32::from(connection.socket.probes.unwrap_or(0)),
+                idle: Duration::from_millis(u64::from(
+                    connection.socket.last_ack_recv_ms.unwrap_or(0),
+                )),
+                srtt: Duration::from_micros(u64::from(connection.socket.rtt_us.unwrap_or(0))),
+                owner: connection
+                    .owner
+                    .as_ref()
+                    .map(|owner| (owner.pid, owner.command.clone())),
+            })
+        })
+        .collect()
 }
 
 /// `ss`'s name of a TCP state.

@@ -155,6 +155,15 @@ pub struct ConnectionJson {
     /// before the first probe: the path will forget it first.
     #[serde(default)]
     pub at_risk: bool,
+    /// Found by the inventory of the host's connections and not yet seen by a keepalive timer
+    /// run (the daemon adopts at start the connections older than itself).
+    #[serde(default)]
+    pub adopted: bool,
+    /// The process that holds the socket, when the inventory found it.
+    #[serde(default)]
+    pub owner_pid: Option<u32>,
+    #[serde(default)]
+    pub owner_command: Option<String>,
 }
 
 /// The answer of `/api/v1/connections`.

@@ -293,6 +293,9 @@ pub fn connection_json(
         last_error: None,
         hook_mode: "tracepoint".into(),
         at_risk: false,
+        adopted: false,
+        owner_pid: None,
+        owner_command: None,
     }
 }
 

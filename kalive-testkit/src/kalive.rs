@@ -59,6 +59,7 @@ impl Kalive {
             log_probes: false,
             series: Default::default(),
             idle_limit: None,
+            adopt_existing: false,
         })
     }
 

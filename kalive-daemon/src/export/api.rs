@@ -211,6 +211,9 @@ pub fn connection_json(
         last_error: (conn.last_error != 0).then(|| errno_name(conn.last_error)),
         hook_mode: hook_mode.to_owned(),
         at_risk,
+        adopted: conn.adopted,
+        owner_pid: conn.owner.as_ref().map(|(pid, _)| *pid),
+        owner_command: conn.owner.as_ref().map(|(_, command)| command.clone()),
     }
 }
 

@@ -87,6 +87,26 @@ pub struct Connection {
     pub reset_during_probe: bool,
     /// The last socket error reported (errno), 0 when none.
     pub last_error: i32,
+    /// Found by the inventory of the host's connections (at start, or a rescan) and not yet by
+    /// a keepalive timer run: what is known comes from sock_diag and the owner's socket options.
+    pub adopted: bool,
+    /// The process that holds the socket, as the inventory found it (pid, command).
+    pub owner: Option<(u32, String)>,
+}
+
+/// A keepalive connection the inventory found, to adopt before its first timer run.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Found {
+    pub netns: u32,
+    pub local: SocketAddr,
+    pub remote: SocketAddr,
+    pub settings: KeepaliveSettings,
+    /// icsk_probes_out: probes sent and unanswered.
+    pub probes_outstanding: u32,
+    /// How long it has received nothing (tcpi_last_ack_recv).
+    pub idle: Duration,
+    pub srtt: Duration,
+    pub owner: Option<(u32, String)>,
 }
 
 impl Connection {

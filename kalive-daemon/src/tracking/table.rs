@@ -4,7 +4,7 @@
 //! socket query the collector makes when a probe is due for one (`due_checks`, `apply_check`).
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     net::SocketAddr,
     time::Duration,
 };
@@ -15,7 +15,8 @@ use crate::{
     kernel::{decode::endpoints, units::KernelUnits},
     tracking::{
         connection::{
-            service_port, Connection, EndedConnection, KeepaliveSettings, PeerStateChange,
+            direction_from_ports, service_port, Connection, EndedConnection, Found,
+            KeepaliveSettings, PeerStateChange,
         },
         history::{Change, History},
         peer_state::{decide, live_state, Ending, PeerState, Signal, TimeoutTimer},
@@ -136,6 +137,9 @@ pub struct ConnectionTable {
     /// The idle limit of the paths (`--middlebox-idle-timeout`), for `at_risk` and
     /// `idle_killed`.
     idle_limit: Option<Duration>,
+    /// Keepalive connections the inventory found before any timer run, by (netns, local,
+    /// remote); their first record moves them to `live`.
+    adopted: HashMap<(u32, SocketAddr, SocketAddr), Connection>,
 }
 
 impl ConnectionTable {
@@ -148,6 +152,86 @@ impl ConnectionTable {
             next_id: 1,
             checks: BTreeSet::new(),
             idle_limit: None,
+            adopted: HashMap::new(),
+        }
+    }
+
+    /// Takes in the keepalive connections the inventory found at `now_ns`: those the table does
+    /// not hold yet are adopted (shown before their first keepalive run, which may be hours
+    /// away), the adopted ones are refreshed, and adopted ones the inventory no longer finds
+    /// (closed, or keepalive turned off, before any run) are dropped. Returns how many were new.
+    pub fn adopt(&mut self, found: Vec<Found>, now_ns: u64) -> usize {
+        let tracked: HashSet<(u32, SocketAddr, SocketAddr)> = self
+            .live
+            .values()
+            .map(|conn| (conn.netns, conn.local, conn.remote))
+            .collect();
+        let mut still_there = HashSet::new();
+        let mut new = 0;
+        for found in found {
+            let key = (found.netns, found.local, found.remote);
+            if tracked.contains(&key) {
+                continue;
+            }
+            still_there.insert(key);
+            let conn = match self.adopted.remove(&key) {
+                Some(conn) => conn,
+                None => {
+                    new += 1;
+                    self.adopted_connection(&found, now_ns)
+                }
+            };
+            let mut conn = conn;
+            conn.settings = found.settings;
+            conn.probes_outstanding = found.probes_outstanding;
+            conn.idle_at_last_run = found.idle;
+            conn.srtt = found.srtt;
+            conn.owner = found.owner;
+            conn.peer_state = if found.probes_outstanding > 1 {
+                live_state(found.probes_outstanding, conn.probe_limit())
+            } else {
+                PeerState::Alive
+            };
+            self.adopted.insert(key, conn);
+        }
+        self.adopted.retain(|key, _| still_there.contains(key));
+        new
+    }
+
+    fn adopted_connection(&mut self, found: &Found, now_ns: u64) -> Connection {
+        let id = self.next_id;
+        self.next_id += 1;
+        Connection {
+            id,
+            netns: found.netns,
+            local: found.local,
+            remote: found.remote,
+            direction: direction_from_ports(
+                found.local.port(),
+                found.remote.port(),
+                &self.units.ephemeral_ports,
+            ),
+            keepalive_on: true,
+            settings: found.settings,
+            probes_sent: 0,
+            probes_answered: 0,
+            probes_outstanding: found.probes_outstanding,
+            send_failures: 0,
+            awaiting: None,
+            window_closed: false,
+            srtt: found.srtt,
+            first_seen_ns: now_ns,
+            last_probe_ns: 0,
+            last_run_ns: 0,
+            idle_at_last_run: found.idle,
+            idle_before_probing: None,
+            idle_at_reset: None,
+            peer_state: PeerState::Alive,
+            reset_received: false,
+            reset_during_probe: false,
+            last_error: 0,
+            adopted: true,
+            owner: found.owner.clone(),
         }
     }
 
@@ -167,12 +251,13 @@ impl ConnectionTable {
             .is_some_and(|limit| conn.keepalive_on && conn.settings.idle >= limit)
     }
 
+    /// Every live connection: tracked by the kernel programs, and adopted from the inventory.
     pub fn connections(&self) -> impl Iterator<Item = &Connection> {
-        self.live.values()
+        self.live.values().chain(self.adopted.values())
     }
 
     pub fn connection_count(&self) -> usize {
-        self.live.len()
+        self.live.len() + self.adopted.len()
     }
 
     pub fn history(&self) -> &History {
@@ -406,6 +491,8 @@ impl ConnectionTable {
             reset_received: false,
             reset_during_probe: false,
             last_error: 0,
+            adopted: false,
+            owner: None,
         }
     }
 
@@ -440,6 +527,15 @@ impl ConnectionTable {
         }
         if event.flags & event_flag::TRACKED == 0 {
             return None;
+        }
+        let (local, remote) = endpoints(&event.id);
+        if let Some(mut adopted) = self.adopted.remove(&(event.id.netns, local, remote)) {
+            // The first record of a connection the inventory found: the same connection, now
+            // tracked (its id stays; the kernel's first sighting identifies it from now on).
+            adopted.adopted = false;
+            adopted.first_seen_ns = event.first_seen_ns;
+            adopted.direction = direction_of(&event.id);
+            return Some((adopted, false));
         }
         if let Some(old) = self.live.get(&event.sock).cloned() {
             let ending = Ending {

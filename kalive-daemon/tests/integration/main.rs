@@ -5,6 +5,7 @@
 //!
 //! Shared helpers are in the kalive-testkit crate.
 
+mod adoption;
 mod api;
 mod audit;
 mod btf_offsets;

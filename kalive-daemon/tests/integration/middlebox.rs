@@ -91,6 +91,7 @@ fn a_middlebox_kills_what_the_advisor_flags_and_the_suggested_setting_survives_i
         log_probes: false,
         series: Default::default(),
         idle_limit: Some(LIMIT),
+        adopt_existing: false,
     });
     let link = Link::new(LinkConfig::default());
     link.forget_idle_connections(Some(LIMIT));

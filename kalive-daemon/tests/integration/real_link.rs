@@ -700,6 +700,7 @@ fn more_connections_than_the_map_holds() {
         log_probes: false,
         series: Default::default(),
         idle_limit: None,
+        adopt_existing: false,
     });
     let link = Link::new(LinkConfig::default());
     let netns = link.client.inum;

@@ -216,6 +216,7 @@ fn run_mode(runtime: &tokio::runtime::Runtime, mode: HookMode) {
         log_probes: false,
         series: Default::default(),
         idle_limit: None,
+        adopt_existing: false,
     };
     let started = {
         let _guard = runtime.enter();

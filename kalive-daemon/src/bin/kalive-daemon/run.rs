@@ -69,6 +69,7 @@ pub(crate) async fn run(args: RunArgs) -> anyhow::Result<()> {
             idle_limit: idle_limit
                 .as_ref()
                 .map(|limit| Duration::from_secs(limit.seconds)),
+            adopt_existing: true,
         },
         cancel.clone(),
     )

@@ -109,6 +109,7 @@ pub(crate) async fn run(args: TopArgs) -> Result<(), TopError> {
                 log_probes: false,
                 series: SeriesOptions::default(),
                 idle_limit: None,
+                adopt_existing: true,
             },
             cancel.clone(),
         )
