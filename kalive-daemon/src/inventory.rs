@@ -152,10 +152,7 @@ pub fn keepalive_found(inventory: &Inventory) -> Vec<Found> {
                     connection.socket.last_ack_recv_ms.unwrap_or(0),
                 )),
                 srtt: Duration::from_micros(u64::from(connection.socket.rtt_us.unwrap_or(0))),
-                owner: connection
-                    .owner
-                    .as_ref()
-                    .map(|owner| (owner.pid, owner.command.clone())),
+                owner: connection.owner.clone(),
             })
         })
         .collect()

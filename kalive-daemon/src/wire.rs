@@ -164,6 +164,13 @@ pub struct ConnectionJson {
     pub owner_pid: Option<u32>,
     #[serde(default)]
     pub owner_command: Option<String>,
+    /// Its control group: the systemd unit or container it runs in.
+    #[serde(default)]
+    pub owner_cgroup: Option<String>,
+    /// The longest a dead peer would go unnoticed on this connection while idle: idle + probes
+    /// x interval, or the first probe run past TCP_USER_TIMEOUT.
+    #[serde(default)]
+    pub dead_peer_detection_seconds: Option<f64>,
 }
 
 /// The answer of `/api/v1/connections`.

@@ -296,6 +296,8 @@ pub fn connection_json(
         adopted: false,
         owner_pid: None,
         owner_command: None,
+        owner_cgroup: None,
+        dead_peer_detection_seconds: None,
     }
 }
 

@@ -22,6 +22,7 @@ pub mod link;
 pub mod netns;
 pub mod privilege;
 pub mod proc_net;
+pub mod process;
 pub mod scenarios;
 pub mod server;
 pub mod sockets;

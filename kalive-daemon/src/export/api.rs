@@ -212,8 +212,12 @@ pub fn connection_json(
         hook_mode: hook_mode.to_owned(),
         at_risk,
         adopted: conn.adopted,
-        owner_pid: conn.owner.as_ref().map(|(pid, _)| *pid),
-        owner_command: conn.owner.as_ref().map(|(_, command)| command.clone()),
+        owner_pid: conn.owner.as_ref().map(|owner| owner.pid),
+        owner_command: conn.owner.as_ref().map(|owner| owner.command.clone()),
+        owner_cgroup: conn.owner.as_ref().and_then(|owner| owner.cgroup.clone()),
+        dead_peer_detection_seconds: conn
+            .dead_peer_detection()
+            .map(|detection| detection.as_secs_f64()),
     }
 }
 

@@ -106,6 +106,10 @@ const IDLE_BOUNDS: [f64; 9] = [
 ];
 const INTERVAL_BOUNDS: [f64; 8] = [1.0, 5.0, 10.0, 15.0, 30.0, 60.0, 75.0, 120.0];
 const PROBE_BOUNDS: [f64; 7] = [1.0, 2.0, 3.0, 5.0, 6.0, 9.0, 10.0];
+/// Worst-case dead-peer detection (idle + probes x interval): Linux's defaults give 7,875 s.
+const DETECTION_BOUNDS: [f64; 9] = [
+    30.0, 60.0, 300.0, 600.0, 1800.0, 3600.0, 7200.0, 7875.0, 14400.0,
+];
 
 /// Gives each origin its label values, admitting new label sets up to the cap.
 struct SeriesLabels {
@@ -285,7 +289,9 @@ impl Metrics {
             settings: gauge(
                 "connections_by_keepalive_setting",
                 "Tracked connections whose effective keepalive setting (idle_seconds, \
-                 interval_seconds or probes) is at most upper_bound (cumulative).",
+                 interval_seconds or probes), or the worst-case dead-peer detection they give \
+                 (dead_peer_detection_seconds: idle + probes x interval, or the first probe run \
+                 past TCP_USER_TIMEOUT), is at most upper_bound (cumulative).",
                 &["setting", "upper_bound"],
             )?,
             events_lost: counter(
@@ -522,6 +528,7 @@ impl Metrics {
         let mut idle = [0i64; IDLE_BOUNDS.len() + 1];
         let mut interval = [0i64; INTERVAL_BOUNDS.len() + 1];
         let mut probes = [0i64; PROBE_BOUNDS.len() + 1];
+        let mut detection = [0i64; DETECTION_BOUNDS.len() + 1];
         for conn in table.connections() {
             let on = if conn.keepalive_on { "on" } else { "off" };
             self.connections
@@ -538,11 +545,19 @@ impl Metrics {
                 &PROBE_BOUNDS,
                 f64::from(conn.settings.probe_limit),
             );
+            if let Some(worst) = conn.dead_peer_detection() {
+                add_to_buckets(&mut detection, &DETECTION_BOUNDS, worst.as_secs_f64());
+            }
         }
         for (setting, bounds, counts) in [
             ("idle_seconds", &IDLE_BOUNDS[..], &idle[..]),
             ("interval_seconds", &INTERVAL_BOUNDS[..], &interval[..]),
             ("probes", &PROBE_BOUNDS[..], &probes[..]),
+            (
+                "dead_peer_detection_seconds",
+                &DETECTION_BOUNDS[..],
+                &detection[..],
+            ),
         ] {
             let mut cumulative = 0;
             for (index, count) in counts.iter().enumerate() {

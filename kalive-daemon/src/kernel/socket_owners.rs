@@ -23,6 +23,9 @@ pub struct SocketOwner {
     pub fd: i32,
     /// Its command name (/proc/PID/comm).
     pub command: String,
+    /// Its control group (/proc/PID/cgroup, the unified hierarchy's path): the systemd unit
+    /// (`/system.slice/ssh.service`) or the container (`/kubepods/.../<container id>`) it runs in.
+    pub cgroup: Option<String>,
 }
 
 /// Every socket inode held by a process, with its holder of the lowest pid (then fd): a socket
@@ -48,6 +51,9 @@ fn socket_owners_in(proc_dir: &Path) -> HashMap<u32, SocketOwner> {
         let command = std::fs::read_to_string(process.join("comm"))
             .map(|comm| comm.trim_end().to_owned())
             .unwrap_or_default();
+        let cgroup = std::fs::read_to_string(process.join("cgroup"))
+            .ok()
+            .and_then(|text| cgroup_path(&text));
         let mut held: Vec<(i32, u32)> = fds
             .filter_map(|entry| {
                 let entry = entry.ok()?;
@@ -62,10 +68,25 @@ fn socket_owners_in(proc_dir: &Path) -> HashMap<u32, SocketOwner> {
                 pid,
                 fd,
                 command: command.clone(),
+                cgroup: cgroup.clone(),
             });
         }
     }
     owners
+}
+
+/// The cgroup path in /proc/PID/cgroup text: the unified hierarchy's (`0::PATH`), else the
+/// systemd one of a cgroup v1 host (`N:name=systemd:PATH`).
+fn cgroup_path(text: &str) -> Option<String> {
+    let unified = text.lines().find_map(|line| line.strip_prefix("0::"));
+    let systemd = || {
+        text.lines()
+            .find_map(|line| line.split_once(":name=systemd:").map(|(_, path)| path))
+    };
+    unified
+        .or_else(systemd)
+        .map(|path| path.trim().to_owned())
+        .filter(|path| !path.is_empty())
 }
 
 /// The inode of a `socket:[12345]` descriptor link.
@@ -148,6 +169,21 @@ mod tests {
     use std::net::{TcpListener, TcpStream};
 
     use super::*;
+
+    #[test]
+    fn cgroup_paths_of_v2_and_v1_hosts() {
+        assert_eq!(
+            cgroup_path("0::/system.slice/ssh.service\n").as_deref(),
+            Some("/system.slice/ssh.service")
+        );
+        assert_eq!(
+            cgroup_path("12:cpu,cpuacct:/x\n1:name=systemd:/system.slice/cron.service\n")
+                .as_deref(),
+            Some("/system.slice/cron.service")
+        );
+        assert_eq!(cgroup_path("garbage"), None);
+        assert_eq!(cgroup_path("0::\n"), None);
+    }
 
     #[test]
     fn descriptor_links_name_socket_inodes() {

@@ -3,6 +3,7 @@
 use std::{net::SocketAddr, ops::RangeInclusive, time::Duration};
 
 use crate::{
+    kernel::socket_owners::SocketOwner,
     tracking::{
         peer_state::{PeerState, Signal},
         probe_rules::Awaiting,
@@ -90,8 +91,8 @@ pub struct Connection {
     /// Found by the inventory of the host's connections (at start, or a rescan) and not yet by
     /// a keepalive timer run: what is known comes from sock_diag and the owner's socket options.
     pub adopted: bool,
-    /// The process that holds the socket, as the inventory found it (pid, command).
-    pub owner: Option<(u32, String)>,
+    /// The process that holds the socket, as the inventory found it.
+    pub owner: Option<SocketOwner>,
 }
 
 /// A keepalive connection the inventory found, to adopt before its first timer run.
@@ -106,7 +107,7 @@ pub struct Found {
     /// How long it has received nothing (tcpi_last_ack_recv).
     pub idle: Duration,
     pub srtt: Duration,
-    pub owner: Option<(u32, String)>,
+    pub owner: Option<SocketOwner>,
 }
 
 impl Connection {
@@ -117,6 +118,23 @@ impl Connection {
     /// The probes after which the kernel gives up (TCP_USER_TIMEOUT taken into account).
     pub fn probe_limit(&self) -> u32 {
         crate::tracking::probe_rules::effective_probe_limit(&self.settings)
+    }
+
+    /// The longest a dead peer goes unnoticed while the connection is idle (the advisor's
+    /// rule: idle + probes x interval, or the first run past TCP_USER_TIMEOUT); None without
+    /// keepalive.
+    pub fn dead_peer_detection(&self) -> Option<Duration> {
+        let seconds = |duration: Duration| u32::try_from(duration.as_secs()).unwrap_or(u32::MAX);
+        crate::advisor::KeepaliveSettings {
+            enabled: self.keepalive_on,
+            idle_seconds: seconds(self.settings.idle),
+            interval_seconds: seconds(self.settings.interval),
+            count: self.settings.probe_limit,
+            user_timeout_ms: self.settings.user_timeout.map_or(0, |timeout| {
+                u32::try_from(timeout.as_millis()).unwrap_or(u32::MAX)
+            }),
+        }
+        .dead_peer_detection()
     }
 }
 

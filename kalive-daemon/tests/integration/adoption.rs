@@ -10,9 +10,10 @@ use std::{
 };
 
 use kalive_testkit::{
-    daemon::DaemonProcess,
+    daemon::{metric_sum, DaemonProcess},
     netns::Netns,
     privilege::{privileged, tool},
+    process::{own_cgroup, own_command},
     sockets::{connected_pair, enable_keepalive, listen, local_port, Keepalive},
 };
 use serde_json::Value;
@@ -100,7 +101,7 @@ fn connections_older_than_the_daemon_are_adopted_within_5_s() {
         );
         std::thread::sleep(Duration::from_millis(100));
     };
-    let command = std::fs::read_to_string("/proc/self/comm").expect("comm");
+    let (command, cgroup) = (own_command(), own_cgroup());
     for (seen, settings, port, in_netns) in [
         (&root_seen, root_settings, ports.0, None),
         (&other_seen, other_settings, ports.2, Some(&netns)),
@@ -119,7 +120,13 @@ fn connections_older_than_the_daemon_are_adopted_within_5_s() {
         );
         assert_eq!(seen["keepalive"]["probes"], settings.count, "{seen}");
         assert_eq!(seen["owner_pid"], std::process::id(), "{seen}");
-        assert_eq!(seen["owner_command"], command.trim_end(), "{seen}");
+        assert_eq!(seen["owner_command"], command.as_str(), "{seen}");
+        assert_eq!(seen["owner_cgroup"], cgroup.as_str(), "{seen}");
+        assert_eq!(
+            seen["dead_peer_detection_seconds"],
+            f64::from(settings.idle_s + settings.count * settings.interval_s),
+            "{seen}"
+        );
         assert_eq!(seen["peer_state"], "alive", "{seen}");
         // What ss shows of the same socket: its endpoints, the keepalive timer and the probes
         // sent and unanswered.
@@ -162,5 +169,19 @@ fn connections_older_than_the_daemon_are_adopted_within_5_s() {
         api_connection(&daemon, root_netns, ports.1).is_none(),
         "a connection without keepalive was adopted"
     );
+    // Both fall in the detection gauge's (600, 1800] bucket: 720 s and 700 s.
+    let (status, exposition) = daemon.get("/metrics");
+    assert_eq!(status, 200);
+    let bucket = |bound: &str| {
+        metric_sum(
+            &exposition,
+            "kalive_connections_by_keepalive_setting",
+            &[
+                "setting=\"dead_peer_detection_seconds\"",
+                &format!("upper_bound=\"{bound}\""),
+            ],
+        )
+    };
+    assert!(bucket("1800") - bucket("600") >= 2, "{exposition}");
     drop((root, plain, other));
 }

@@ -10,6 +10,7 @@ use std::{collections::BTreeMap, process::Command, time::Duration};
 use kalive_testkit::{
     netns::Netns,
     privilege::{privileged, tool},
+    process::own_cgroup,
     sockets::{connected_pair, enable_keepalive, listen, set_int, Keepalive},
 };
 use serde_json::Value;
@@ -177,6 +178,11 @@ fn audit_agrees_with_ss_and_flags_what_a_5_s_limit_kills() {
         );
         assert_eq!(connection["owner"]["pid"], seen.owner.1, "{id:?}");
         assert_eq!(connection["owner"]["fd"], seen.owner.2, "{id:?}");
+        assert_eq!(
+            connection["owner"]["cgroup"],
+            own_cgroup().as_str(),
+            "{id:?}"
+        );
         match &seen.timer {
             Some((kind, probes)) if kind == "keepalive" => {
                 assert_eq!(connection["timer"], "keepalive", "{id:?}");

@@ -227,7 +227,15 @@ fn print_text(report: &Report) {
     for connection in &report.connections {
         let owner = connection.owner.as_ref().map_or_else(
             || "owner unknown".to_owned(),
-            |owner| format!("{} (pid {}, fd {})", owner.command, owner.pid, owner.fd),
+            |owner| {
+                format!(
+                    "{} (pid {}, fd {}, cgroup {})",
+                    owner.command,
+                    owner.pid,
+                    owner.fd,
+                    owner.cgroup.as_deref().unwrap_or("unknown")
+                )
+            },
         );
         println!();
         println!(
