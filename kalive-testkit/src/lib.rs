@@ -12,6 +12,8 @@
 //! - `fixtures`: tables and API answers built from synthetic kernel records;
 //! - `server`: the daemon's HTTP server in-process on such a table;
 //! - `ss`: what `ss -tion` says about a namespace's sockets;
+//! - `process`: what /proc says about the test process (command, cgroup);
+//! - `process`: what /proc says about the test process (command, cgroup);
 //! - `link`: two namespaces joined by a link with latency, loss and blackholes.
 
 pub mod bpftool;

@@ -140,6 +140,7 @@ impl Drop for Tmux {
 }
 
 /// The table row of the connection whose local port is `port`: (state, probes n/max, sent).
+/// The state is every word between the last probe's age and the owner (the last column).
 fn row(screen: &str, port: u16) -> Option<(String, String, u64)> {
     let local = format!("127.0.0.1:{port}");
     screen.lines().find_map(|line| {
@@ -147,9 +148,9 @@ fn row(screen: &str, port: u16) -> Option<(String, String, u64)> {
             .trim_matches(|c: char| c == '│' || c.is_whitespace())
             .split_whitespace()
             .collect();
-        (tokens.len() >= 9 && tokens[0] == local).then(|| {
+        (tokens.len() >= 10 && tokens[0] == local).then(|| {
             (
-                tokens[8..].join(" "),
+                tokens[8..tokens.len() - 1].join(" "),
                 tokens[4].to_owned(),
                 tokens[5].parse().unwrap_or(u64::MAX),
             )

@@ -398,7 +398,10 @@ mod tests {
         // < and > walk the columns, wrapping.
         app.set_sort(Sort::default());
         app.on_key(key(KeyCode::Char('>')), 10);
+        assert_eq!(app.sort.column, Column::Owner);
+        app.on_key(key(KeyCode::Char('>')), 10);
         assert_eq!(app.sort.column, Column::Local);
+        app.on_key(key(KeyCode::Char('<')), 10);
         app.on_key(key(KeyCode::Char('<')), 10);
         assert_eq!(app.sort.column, Column::State);
     }
@@ -435,6 +438,32 @@ mod tests {
         assert!(!app.set_filter("port:70000"));
         assert!(!app.set_filter("state:"));
         assert_eq!(ids(&app), [2]);
+    }
+
+    #[test]
+    fn filter_by_owner_command_and_pid() {
+        let mut conns = sample();
+        conns[0].owner_command = Some("sshd".into());
+        conns[0].owner_pid = Some(812);
+        conns[1].owner_command = Some("redis-server".into());
+        conns[1].owner_pid = Some(2001);
+        let mut app = App::new(30.0);
+        app.apply(snapshot(1000.0, conns, events(vec![], false)));
+        let shown = |app: &mut App, text: &str| {
+            assert!(app.set_filter(text), "{text}: {:?}", app.filter_error);
+            ids(app)
+        };
+        assert_eq!(shown(&mut app, "owner:ssh"), [1]);
+        assert_eq!(shown(&mut app, "owner:REDIS,sshd"), [2, 1]);
+        assert_eq!(shown(&mut app, "pid:2001"), [2]);
+        assert_eq!(shown(&mut app, "pid:1"), Vec::<u64>::new());
+        assert!(!app.set_filter("pid:me"));
+        assert!(app.set_filter("owner:sshd"));
+        let owners: Vec<String> = app
+            .visible()
+            .map(|row| crate::top::ui::cells(row)[Column::Owner.index()].clone())
+            .collect();
+        assert_eq!(owners, ["sshd[812]"]);
     }
 
     #[test]

@@ -12,10 +12,11 @@ pub(crate) enum Column {
     Answered,
     LastProbe,
     State,
+    Owner,
 }
 
 impl Column {
-    pub(crate) const ALL: [Column; 9] = [
+    pub(crate) const ALL: [Column; 10] = [
         Column::Local,
         Column::Remote,
         Column::Keepalive,
@@ -25,6 +26,7 @@ impl Column {
         Column::Answered,
         Column::LastProbe,
         Column::State,
+        Column::Owner,
     ];
 
     pub(crate) fn title(self) -> &'static str {
@@ -38,6 +40,7 @@ impl Column {
             Column::Answered => "ANSW",
             Column::LastProbe => "LAST PROBE",
             Column::State => "STATE",
+            Column::Owner => "OWNER",
         }
     }
 

@@ -14,6 +14,10 @@ enum Term {
     Netns(Vec<u32>),
     /// `at-risk`: connections the daemon's middlebox idle limit will kill.
     AtRisk,
+    /// The owning process's command name or its start ("ssh", "postgr").
+    Owner(Vec<String>),
+    /// The owning process's pid.
+    Pid(Vec<u32>),
 }
 
 /// The parsed `/` filter.
@@ -23,8 +27,9 @@ pub(crate) struct Filter {
     terms: Vec<Term>,
 }
 
-const FILTER_HELP: &str = "use port:N, addr:TEXT, state:NAME, netns:N, at-risk, or a bare port, \
-                           address or state; separate alternatives with commas";
+const FILTER_HELP: &str = "use port:N, addr:TEXT, state:NAME, netns:N, owner:COMMAND, pid:N, \
+                           at-risk, or a bare port, address or state; separate alternatives with \
+                           commas";
 
 impl Filter {
     /// Parses `text`; an error names the bad term and the accepted forms.
@@ -36,7 +41,9 @@ impl Filter {
                 continue;
             }
             let (key, values) = match word.split_once(':') {
-                Some((key @ ("port" | "addr" | "state" | "netns"), values)) => (key, values),
+                Some((key @ ("port" | "addr" | "state" | "netns" | "owner" | "pid"), values)) => {
+                    (key, values)
+                }
                 _ => ("", word),
             };
             let values: Vec<&str> = values.split(',').filter(|v| !v.is_empty()).collect();
@@ -66,6 +73,13 @@ impl Filter {
                         .map(|n| u32::try_from(n).map_err(|_| format!("netns {n} is too large")))
                         .collect::<Result<_, _>>()?,
                 ),
+                "pid" => Term::Pid(
+                    numbers("pid")?
+                        .into_iter()
+                        .map(|n| u32::try_from(n).map_err(|_| format!("pid {n} is too large")))
+                        .collect::<Result<_, _>>()?,
+                ),
+                "owner" => Term::Owner(lower()),
                 "addr" => Term::Addr(lower()),
                 "state" => Term::State(lower()),
                 // A bare word: a port if it is a number, an address if it looks like one.
@@ -104,6 +118,11 @@ impl Filter {
                 .iter()
                 .any(|name| row.state().name().starts_with(name.as_str())),
             Term::AtRisk => row.conn.at_risk,
+            Term::Owner(names) => row.conn.owner_command.as_ref().is_some_and(|command| {
+                let command = command.to_ascii_lowercase();
+                names.iter().any(|name| command.starts_with(name.as_str()))
+            }),
+            Term::Pid(pids) => row.conn.owner_pid.is_some_and(|pid| pids.contains(&pid)),
         })
     }
 }

@@ -116,6 +116,8 @@ impl Row {
                 (None, None) => Ordering::Equal,
             },
             Column::State => self.severity().cmp(&other.severity()),
+            Column::Owner => (&self.conn.owner_command, self.conn.owner_pid)
+                .cmp(&(&other.conn.owner_command, other.conn.owner_pid)),
         };
         by.then(self.conn.id.cmp(&other.conn.id))
     }

@@ -51,7 +51,7 @@ fn setting(seconds: f64) -> String {
 }
 
 /// The text of each column of a row, in `Column::ALL` order.
-pub(crate) fn cells(row: &Row) -> [String; 9] {
+pub(crate) fn cells(row: &Row) -> [String; 10] {
     let c = &row.conn;
     [
         row.local.to_string(),
@@ -71,11 +71,20 @@ pub(crate) fn cells(row: &Row) -> [String; 9] {
         c.last_probe_age_seconds
             .map_or_else(|| "-".to_owned(), duration),
         row.state_text().to_owned(),
+        owner(c),
     ]
 }
 
+/// "sshd[812]", or "-" when the daemon has not found the socket's process.
+fn owner(c: &kalive_daemon::wire::ConnectionJson) -> String {
+    match (&c.owner_command, c.owner_pid) {
+        (Some(command), Some(pid)) => format!("{command}[{pid}]"),
+        _ => "-".to_owned(),
+    }
+}
+
 /// Widths of the columns for the rows given (addresses as wide as the widest shown).
-fn widths<'a>(rows: impl Iterator<Item = &'a Row>) -> [u16; 9] {
+fn widths<'a>(rows: impl Iterator<Item = &'a Row>) -> [u16; 10] {
     let mut widths = Column::ALL.map(|column| column.title().len() as u16 + 1);
     widths[Column::Local as usize] = widths[Column::Local as usize].max(15);
     widths[Column::Remote as usize] = widths[Column::Remote as usize].max(15);
@@ -372,6 +381,17 @@ pub(crate) fn detail_lines(app: &App, row: &Row) -> Vec<String> {
             ka.user_timeout_seconds
                 .map_or_else(|| "none".to_owned(), setting)
         ),
+        format!(
+            "owner  {}{}; a dead peer goes unnoticed for {} while idle",
+            owner(c),
+            c.owner_cgroup
+                .as_deref()
+                .map_or_else(String::new, |cgroup| format!(" in {cgroup}")),
+            c.dead_peer_detection_seconds.map_or_else(
+                || "ever".to_owned(),
+                |seconds| format!("up to {}", duration(seconds))
+            )
+        ),
         if c.at_risk {
             "middlebox: AT RISK, keepalive waits longer than the idle limit the daemon was given \
              (--middlebox-idle-timeout); `kalive-daemon audit` names the fix"
@@ -452,7 +472,7 @@ pub(crate) fn plain_text(app: &App, source: &str) -> String {
     }
     let rows: Vec<&Row> = app.visible().collect();
     let widths = widths(rows.iter().copied());
-    let mut push_row = |texts: [String; 9]| {
+    let mut push_row = |texts: [String; 10]| {
         let line: Vec<String> = texts
             .iter()
             .zip(widths)
@@ -549,12 +569,12 @@ mod tests {
 kalive top  http://127.0.0.1:9977  hook tracepoint  kernel 6.18.0  up 1h02m                                   
 4 connections (2 probing, 1 ended recently)  probes/s -  timeouts 1  resets 2  events lost 0                  
 ┌ connections 1-5 of 5 ──────────────────────────────────────────────────────────────────────────────────────┐
-│LOCAL           REMOTE          IDLE/INTVL/CNT  IDLE  PROBES  SENT  ANSW  LAST PROBE  STATE^                │
-│10.0.0.1:40005  10.0.0.8:5432   60s/10s/3       1m05s 3/3     8     5     5.0s        dead                  │
-│10.0.0.1:40004  [::1]:8080      60s/10s/3       1m04s 0/3     4     4     4.0s        rebooted              │
-│10.0.0.1:40002  10.0.0.7:6379   60s/10s/3       1m02s 2/3     4     2     2.0s        probing 2/3           │
-│10.0.0.1:40003  192.168.1.5:443 60s/10s/3       1m03s 1/3     4     3     3.0s        probing 1/3           │
-│10.0.0.1:40001  10.0.0.9:5432   60s/10s/3       1m01s 0/3     1     1     1.0s        alive                 │
+│LOCAL           REMOTE          IDLE/INTVL/CNT  IDLE  PROBES  SENT  ANSW  LAST PROBE  STATE^      OWNER     │
+│10.0.0.1:40005  10.0.0.8:5432   60s/10s/3       1m05s 3/3     8     5     5.0s        dead        -         │
+│10.0.0.1:40004  [::1]:8080      60s/10s/3       1m04s 0/3     4     4     4.0s        rebooted    -         │
+│10.0.0.1:40002  10.0.0.7:6379   60s/10s/3       1m02s 2/3     4     2     2.0s        probing 2/3 -         │
+│10.0.0.1:40003  192.168.1.5:443 60s/10s/3       1m03s 1/3     4     3     3.0s        probing 1/3 -         │
+│10.0.0.1:40001  10.0.0.9:5432   60s/10s/3       1m01s 0/3     1     1     1.0s        alive       -         │
 │                                                                                                            │
 │                                                                                                            │
 │                                                                                                            │
@@ -666,12 +686,12 @@ q quit  up/down select  Enter detail  / filter  1-9 < > sort  r reverse  p pause
         let expected = "\
 kalive top  http://127.0.0.1:9977  hook tracepoint  kernel 6.18.0  up 1h02m
 4 connections (2 probing, 1 ended recently)  probes/s -  timeouts 1  resets 2  events lost 0
-LOCAL           REMOTE          IDLE/INTVL/CNT  IDLE  PROBES  SENT  ANSW  LAST PROBE  STATE
-10.0.0.1:40005  10.0.0.8:5432   60s/10s/3       1m05s 3/3     8     5     5.0s        dead
-10.0.0.1:40004  [::1]:8080      60s/10s/3       1m04s 0/3     4     4     4.0s        rebooted
-10.0.0.1:40002  10.0.0.7:6379   60s/10s/3       1m02s 2/3     4     2     2.0s        probing 2/3
-10.0.0.1:40003  192.168.1.5:443 60s/10s/3       1m03s 1/3     4     3     3.0s        probing 1/3
-10.0.0.1:40001  10.0.0.9:5432   60s/10s/3       1m01s 0/3     1     1     1.0s        alive
+LOCAL           REMOTE          IDLE/INTVL/CNT  IDLE  PROBES  SENT  ANSW  LAST PROBE  STATE       OWNER
+10.0.0.1:40005  10.0.0.8:5432   60s/10s/3       1m05s 3/3     8     5     5.0s        dead        -
+10.0.0.1:40004  [::1]:8080      60s/10s/3       1m04s 0/3     4     4     4.0s        rebooted    -
+10.0.0.1:40002  10.0.0.7:6379   60s/10s/3       1m02s 2/3     4     2     2.0s        probing 2/3 -
+10.0.0.1:40003  192.168.1.5:443 60s/10s/3       1m03s 1/3     4     3     3.0s        probing 1/3 -
+10.0.0.1:40001  10.0.0.9:5432   60s/10s/3       1m01s 0/3     1     1     1.0s        alive       -
 
 recent outcomes, newest first:
   3.0s ago  dead         10.0.0.1:40005 -> 10.0.0.8:5432  ETIMEDOUT
