@@ -1,8 +1,8 @@
-//! A middlebox that forgets idle connections, on the test link (kalive_testkit::link): after 3 s
+//! A middlebox that forgets idle connections, on the test link (kalive_testkit::link): after 5 s
 //! without a packet it silently drops every packet of a connection, as a firewall, NAT or load
-//! balancer does. kalive runs with the same idle limit. A connection whose keepalive waits 5 s
+//! balancer does. kalive runs with the same idle limit. A connection whose keepalive waits 7 s
 //! is at risk and dies `dead` with `idle_killed` (TCPAbortOnTimeout and SO_ERROR agree); one
-//! probing after 2 s, and one kept busy by its application without keepalive, live on; and the
+//! probing after 3 s, and one kept busy by its application without keepalive, live on; and the
 //! keepalive idle `kalive-daemon audit` suggests for the one at risk keeps a new connection
 //! alive through the middlebox.
 
@@ -31,7 +31,7 @@ use serde_json::Value;
 
 use crate::DAEMON;
 
-const LIMIT: Duration = Duration::from_secs(3);
+const LIMIT: Duration = Duration::from_secs(5);
 
 fn connect(link: &Link, listener: &TcpListener) -> (TcpStream, TcpStream) {
     let at = listener.local_addr().expect("listener address");
@@ -53,7 +53,7 @@ fn keepalive(idle_s: i32) -> Keepalive {
 /// `kalive-daemon audit --json` held to the middlebox's limit: the connection from `port`.
 fn audited(port: u16) -> Value {
     let output = Command::new(DAEMON)
-        .args(["audit", "--json", "--middlebox-idle-timeout", "3s"])
+        .args(["audit", "--json", "--middlebox-idle-timeout", "5s"])
         .output()
         .expect("audit");
     assert!(
@@ -103,9 +103,9 @@ fn a_middlebox_kills_what_the_advisor_flags_and_the_suggested_setting_survives_i
         .run(|| TcpListener::bind(address).expect("bind"));
 
     let (above, _above_server) = connect(&link, &listener);
-    enable_keepalive(&above, Some(keepalive(5)));
+    enable_keepalive(&above, Some(keepalive(7)));
     let (below, _below_server) = connect(&link, &listener);
-    enable_keepalive(&below, Some(keepalive(2)));
+    enable_keepalive(&below, Some(keepalive(3)));
     // No keepalive: the application sends a byte every second, the other end reads it.
     let (mut busy, mut busy_server) = connect(&link, &listener);
     let stop = Arc::new(AtomicBool::new(false));
@@ -121,7 +121,7 @@ fn a_middlebox_kills_what_the_advisor_flags_and_the_suggested_setting_survives_i
     };
     let (above_port, below_port) = (local_port(&above), local_port(&below));
 
-    // The advisor, before anything happened: the 5 s keepalive is at risk, the 2 s one is not.
+    // The advisor, before anything happened: the 7 s keepalive is at risk, the 3 s one is not.
     let flagged = audited(above_port);
     assert_eq!(flagged["risk"]["verdict"], "at_risk", "{flagged}");
     assert_eq!(audited(below_port)["risk"]["verdict"], "safe");
@@ -156,8 +156,8 @@ fn a_middlebox_kills_what_the_advisor_flags_and_the_suggested_setting_survives_i
     });
     assert_eq!(at_risk, vec![above_port], "kalive's at-risk connections");
 
-    // 5 s idle, then 3 probes 1 s apart, all dropped: the 5 s one dies after about 8 s.
-    let died = kalive.wait_for(Duration::from_secs(20), |c| {
+    // 7 s idle, then 3 probes 1 s apart, all dropped: the 7 s one dies after about 10 s.
+    let died = kalive.wait_for(Duration::from_secs(25), |c| {
         c.table
             .ended()
             .any(|e| e.connection.netns == netns && e.connection.local.port() == above_port)
