@@ -398,15 +398,15 @@ async fn drain(
     }
 }
 
-/// Adopts the host's keepalive connections the table does not hold (at once, then every
-/// ADOPT_RESCAN): they are shown from the daemon's first seconds, not at their first keepalive
-/// run, which may be hours away. The inventory (sock_diag in every namespace, /proc, the
+/// Adopts the host's connections the table does not hold (at once, then every ADOPT_RESCAN):
+/// they are shown from the daemon's first seconds, not at their first keepalive run, which may
+/// be hours away (or, without keepalive, never). The inventory (sock_diag in every namespace, /proc, the
 /// owners' socket options) runs on a blocking thread.
 async fn adopt_periodically(shared: Shared, cancel: CancellationToken) {
     loop {
         let taken = tokio::task::spawn_blocking(|| {
             let taken = inventory::take();
-            (inventory::keepalive_found(&taken), taken.problems)
+            (inventory::adoptable(&taken), taken.problems)
         })
         .await;
         match taken {
@@ -415,8 +415,8 @@ async fn adopt_periodically(shared: Shared, cancel: CancellationToken) {
                 let new = shared.lock().table.adopt(found, boot_time_ns());
                 if new > 0 {
                     log::info!(
-                        "adopted {new} keepalive connection(s) kalive had not seen ({seen} found \
-                         on the host)"
+                        "adopted {new} connection(s) kalive had not seen ({seen} found on the \
+                         host)"
                     );
                 }
                 for problem in problems {

@@ -127,19 +127,20 @@ pub fn take() -> Inventory {
     inventory
 }
 
-/// The connections of `inventory` with keepalive on whose settings could be read, as the table
-/// adopts them (not those still connecting).
-pub fn keepalive_found(inventory: &Inventory) -> Vec<Found> {
+/// The connections of `inventory` whose owner and settings could be read, with keepalive or
+/// without, as the table adopts them (not those still connecting).
+pub fn adoptable(inventory: &Inventory) -> Vec<Found> {
     inventory
         .connections
         .iter()
         .filter(|connection| connection.socket.state != 2)
         .filter_map(|connection| {
-            let settings = connection.keepalive.as_ref().ok().filter(|s| s.enabled)?;
+            let settings = connection.keepalive.as_ref().ok()?;
             Some(Found {
                 netns: connection.netns,
                 local: connection.local(),
                 remote: connection.remote(),
+                keepalive_on: settings.enabled,
                 settings: TrackedSettings {
                     idle: Duration::from_secs(u64::from(settings.idle_seconds)),
                     interval: Duration::from_secs(u64::from(settings.interval_seconds)),

@@ -252,8 +252,9 @@ impl Metrics {
             )?,
             connections_at_risk: gauge(
                 "connections_at_risk",
-                "Tracked connections a middlebox idle limit (--middlebox-idle-timeout) will kill; \
-                 reason keepalive_idle_above_limit: the first probe comes after the limit.",
+                "Connections a middlebox idle limit (--middlebox-idle-timeout) will kill; \
+                 keepalive_idle_above_limit: the first probe comes after the limit; \
+                 idle_without_keepalive: no keepalive, idle past the limit at the last inventory.",
                 &["reason"],
             )?,
             resets_received: counter(
@@ -518,13 +519,15 @@ impl Metrics {
                     .set(0);
             }
         }
-        let at_risk = table
-            .connections()
-            .filter(|conn| table.at_risk(conn))
-            .count();
-        self.connections_at_risk
-            .with_label_values(&["keepalive_idle_above_limit"])
-            .set(i64::try_from(at_risk).unwrap_or(i64::MAX));
+        self.connections_at_risk.reset();
+        for reason in ["keepalive_idle_above_limit", "idle_without_keepalive"] {
+            self.connections_at_risk.with_label_values(&[reason]).set(0);
+        }
+        for conn in table.connections() {
+            if let Some(reason) = table.risk_reason(conn) {
+                self.connections_at_risk.with_label_values(&[reason]).inc();
+            }
+        }
         let mut idle = [0i64; IDLE_BOUNDS.len() + 1];
         let mut interval = [0i64; INTERVAL_BOUNDS.len() + 1];
         let mut probes = [0i64; PROBE_BOUNDS.len() + 1];

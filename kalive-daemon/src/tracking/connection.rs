@@ -95,12 +95,14 @@ pub struct Connection {
     pub owner: Option<SocketOwner>,
 }
 
-/// A keepalive connection the inventory found, to adopt before its first timer run.
+/// A connection the inventory found, to adopt before its first keepalive timer run (which one
+/// without keepalive never has).
 #[derive(Clone, Debug, PartialEq)]
 pub struct Found {
     pub netns: u32,
     pub local: SocketAddr,
     pub remote: SocketAddr,
+    pub keepalive_on: bool,
     pub settings: KeepaliveSettings,
     /// icsk_probes_out: probes sent and unanswered.
     pub probes_outstanding: u32,

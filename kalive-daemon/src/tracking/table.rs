@@ -182,6 +182,7 @@ impl ConnectionTable {
                 }
             };
             let mut conn = conn;
+            conn.keepalive_on = found.keepalive_on;
             conn.settings = found.settings;
             conn.probes_outstanding = found.probes_outstanding;
             conn.idle_at_last_run = found.idle;
@@ -211,7 +212,7 @@ impl ConnectionTable {
                 found.remote.port(),
                 &self.units.ephemeral_ports,
             ),
-            keepalive_on: true,
+            keepalive_on: found.keepalive_on,
             settings: found.settings,
             probes_sent: 0,
             probes_answered: 0,
@@ -244,11 +245,21 @@ impl ConnectionTable {
         self.idle_limit
     }
 
-    /// True when the connection's keepalive waits at least the idle limit before its first
-    /// probe: the path forgets it first.
+    /// True when the path's idle limit will kill the connection (`risk_reason` says why).
     pub fn at_risk(&self, conn: &Connection) -> bool {
-        self.idle_limit
-            .is_some_and(|limit| conn.keepalive_on && conn.settings.idle >= limit)
+        self.risk_reason(conn).is_some()
+    }
+
+    /// Why the idle limit will kill the connection: `keepalive_idle_above_limit` (its first
+    /// probe comes after the limit) or `idle_without_keepalive` (no keepalive, and idle past
+    /// the limit as of the last inventory); None when it will not, or without a limit.
+    pub fn risk_reason(&self, conn: &Connection) -> Option<&'static str> {
+        let limit = self.idle_limit?;
+        if conn.keepalive_on {
+            (conn.settings.idle >= limit).then_some("keepalive_idle_above_limit")
+        } else {
+            (conn.idle_at_last_run >= limit).then_some("idle_without_keepalive")
+        }
     }
 
     /// Every live connection: tracked by the kernel programs, and adopted from the inventory.
