@@ -2,7 +2,7 @@
 //! firewall, NAT or load balancer that forgets idle connections), and what setting fixes it.
 //! Pure rules; `kalive-daemon audit` feeds them what the kernel says about each socket.
 
-use std::{fmt, time::Duration};
+use std::{fmt, net::SocketAddr, time::Duration};
 
 /// A middlebox kalive knows the idle timeout of, with where the figure comes from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -96,6 +96,130 @@ pub struct IdleLimit {
     pub seconds: u64,
     /// "--middlebox-idle-timeout", "aws-nlb", "nf_conntrack_tcp_timeout_established", ...
     pub from: String,
+}
+
+/// What a rule applies to: every connection, the remote address in a prefix, or a port (local or
+/// remote: the service's port, whichever end this host is).
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Matcher {
+    Everything,
+    Prefix(ipnet::IpNet),
+    Port(u16),
+}
+
+/// The idle limits of the paths: a global one and per destination prefix or port. Every rule a
+/// connection matches applies, and the shortest limit wins (the tightest middlebox on the path).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MiddleboxRules {
+    rules: Vec<(Matcher, IdleLimit)>,
+}
+
+impl MiddleboxRules {
+    /// One limit for every connection.
+    pub fn everywhere(limit: IdleLimit) -> MiddleboxRules {
+        MiddleboxRules {
+            rules: vec![(Matcher::Everything, limit)],
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rules.is_empty()
+    }
+
+    /// Adds the rules of a rules file's text; an error names the line and what is accepted.
+    /// A line is `DESTINATION LIMIT`, DESTINATION a prefix (`10.20.0.0/16`, `fd00::/8`), an
+    /// address, `port:N` or `*`, LIMIT a duration (`350s`, `4m`) or a preset's name; `#` starts
+    /// a comment.
+    pub fn add_file_text(&mut self, text: &str, name: &str) -> Result<(), String> {
+        for (number, line) in text.lines().enumerate() {
+            let line = line.split('#').next().unwrap_or("").trim();
+            if line.is_empty() {
+                continue;
+            }
+            let bad = |what: String| {
+                format!(
+                    "{name} line {}: {what}; write `DESTINATION LIMIT`, DESTINATION a prefix \
+                     (10.20.0.0/16), an address, port:N or *, LIMIT a duration (350s, 4m) or a \
+                     preset ({})",
+                    number + 1,
+                    PRESETS.map(|p| p.name).join(", ")
+                )
+            };
+            let words: Vec<&str> = line.split_whitespace().collect();
+            let [destination, limit] = words[..] else {
+                return Err(bad(format!("{line:?} is not two words")));
+            };
+            let matcher = if destination == "*" {
+                Matcher::Everything
+            } else if let Some(port) = destination.strip_prefix("port:") {
+                Matcher::Port(
+                    port.parse()
+                        .map_err(|_| bad(format!("{port:?} is not a port (1-65535)")))?,
+                )
+            } else if let Ok(prefix) = destination.parse::<ipnet::IpNet>() {
+                Matcher::Prefix(prefix.trunc())
+            } else if let Ok(address) = destination.parse::<std::net::IpAddr>() {
+                Matcher::Prefix(ipnet::IpNet::from(address))
+            } else {
+                return Err(bad(format!(
+                    "{destination:?} is not a prefix, address or port"
+                )));
+            };
+            let limit = match preset(limit) {
+                Ok(preset) => IdleLimit {
+                    seconds: preset.idle_timeout.as_secs(),
+                    from: format!("{name} line {}: {}", number + 1, preset.name),
+                },
+                Err(_) => IdleLimit {
+                    seconds: parse_duration(limit).map_err(&bad)?.as_secs(),
+                    from: format!("{name} line {}", number + 1),
+                },
+            };
+            self.rules.push((matcher, limit));
+        }
+        Ok(())
+    }
+
+    /// The limit a connection between `local` and `remote` is held to: the shortest of the
+    /// rules it matches; None when none does.
+    pub fn limit_for(&self, local: SocketAddr, remote: SocketAddr) -> Option<&IdleLimit> {
+        let remote_ip = unmapped(remote.ip());
+        self.rules
+            .iter()
+            .filter(|(matcher, _)| match matcher {
+                Matcher::Everything => true,
+                Matcher::Prefix(prefix) => prefix.contains(&remote_ip),
+                Matcher::Port(port) => local.port() == *port || remote.port() == *port,
+            })
+            .map(|(_, limit)| limit)
+            .min_by_key(|limit| limit.seconds)
+    }
+}
+
+impl fmt::Display for MiddleboxRules {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let described: Vec<String> = self
+            .rules
+            .iter()
+            .map(|(matcher, limit)| {
+                let destination = match matcher {
+                    Matcher::Everything => "every connection".to_owned(),
+                    Matcher::Prefix(prefix) => prefix.to_string(),
+                    Matcher::Port(port) => format!("port {port}"),
+                };
+                format!("{destination}: {} s ({})", limit.seconds, limit.from)
+            })
+            .collect();
+        f.write_str(&described.join("; "))
+    }
+}
+
+/// An IPv4-mapped IPv6 address as the IPv4 address it is (an IPv4 prefix then matches it).
+fn unmapped(address: std::net::IpAddr) -> std::net::IpAddr {
+    match address {
+        std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(address, std::net::IpAddr::V4),
+        v4 @ std::net::IpAddr::V4(_) => v4,
+    }
 }
 
 /// The shortest of the configured limit and the host's own (connection tracking); None when
@@ -337,6 +461,60 @@ mod tests {
         );
         let error = preset("aws").unwrap_err();
         assert!(error.contains("aws-nlb, aws-nat, azure-lb"), "{error}");
+    }
+
+    #[test]
+    fn rules_match_prefix_address_port_and_everything_and_the_shortest_wins() {
+        let mut rules = MiddleboxRules::default();
+        rules
+            .add_file_text(
+                "# destination  limit\n10.20.0.0/16 aws-nlb\nport:5432 240s # the pooler\n\
+                 192.168.1.7 90s\n\n",
+                "rules",
+            )
+            .expect("valid rules");
+        let at = |rules: &MiddleboxRules, local: &str, remote: &str| {
+            rules
+                .limit_for(
+                    local.parse().expect("local"),
+                    remote.parse().expect("remote"),
+                )
+                .map(|limit| limit.seconds)
+        };
+        let at_first = |local: &str, remote: &str| at(&rules, local, remote);
+        assert_eq!(at_first("10.0.0.1:40000", "10.20.3.4:443"), Some(350));
+        assert_eq!(at_first("10.0.0.1:40000", "10.20.3.4:5432"), Some(240));
+        assert_eq!(at_first("10.0.0.1:5432", "172.16.0.9:50000"), Some(240));
+        assert_eq!(at_first("10.0.0.1:40000", "192.168.1.7:22"), Some(90));
+        assert_eq!(
+            at_first("10.0.0.1:40000", "[::ffff:10.20.0.1]:443"),
+            Some(350)
+        );
+        assert_eq!(at_first("10.0.0.1:40000", "172.16.0.9:443"), None);
+        rules.add_file_text("* 1h\n", "more").expect("valid rules");
+        assert_eq!(at(&rules, "10.0.0.1:40000", "172.16.0.9:443"), Some(3600));
+    }
+
+    #[test]
+    fn bad_rules_name_their_line_and_the_forms() {
+        for (text, expected) in [
+            ("10.0.0.0/8\n", "line 1: \"10.0.0.0/8\" is not two words"),
+            ("# ok\nport:http 5s\n", "line 2: \"http\" is not a port"),
+            (
+                "example.com 5s\n",
+                "\"example.com\" is not a prefix, address or port",
+            ),
+            ("* soon\n", "\"soon\" is not a duration"),
+        ] {
+            let error = MiddleboxRules::default()
+                .add_file_text(text, "rules.txt")
+                .expect_err(text);
+            assert!(error.contains(expected), "{error}");
+            assert!(
+                error.contains("rules.txt") && error.contains("aws-nlb"),
+                "{error}"
+            );
+        }
     }
 
     #[test]

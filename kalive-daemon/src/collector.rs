@@ -19,6 +19,7 @@ use tokio::{io::unix::AsyncFd, task::JoinHandle};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
+    advisor::MiddleboxRules,
     export::{
         api::DaemonInfo,
         logfmt::log_notice,
@@ -198,10 +199,10 @@ pub struct CollectorOptions {
     pub log_probes: bool,
     /// Labels and the series cap of the per-connection counters.
     pub series: SeriesOptions,
-    /// The middlebox idle limit of the paths (`--middlebox-idle-timeout`): connections whose
-    /// keepalive waits longer are at risk, and those that die after idling longer are
-    /// `idle_killed`.
-    pub idle_limit: Option<Duration>,
+    /// The middlebox idle limits of the paths (`--middlebox-idle-timeout`, `--middlebox`,
+    /// `--middlebox-rules`): connections whose keepalive waits longer are at risk, and those
+    /// that die after idling longer are `idle_killed`.
+    pub middlebox: MiddleboxRules,
     /// Adopt the keepalive connections older than the daemon (an inventory at start, then every
     /// ADOPT_RESCAN), rather than wait for their first keepalive run.
     pub adopt_existing: bool,
@@ -260,7 +261,7 @@ impl Collector {
         let shared = Shared::new(Collected {
             table: {
                 let mut table = ConnectionTable::new(loaded.units, options.history_limit);
-                table.set_idle_limit(options.idle_limit);
+                table.set_middlebox(options.middlebox);
                 table
             },
             stats: CollectorStats::default(),

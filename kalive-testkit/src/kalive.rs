@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use kalive_daemon::{
+    advisor::MiddleboxRules,
     collector::{Collected, Collector, CollectorOptions, Shared, DEFAULT_ANSWER_CHECKS_PER_SECOND},
     kernel::loader::{HookMode, LoadOptions},
     tracking::{
@@ -58,7 +59,7 @@ impl Kalive {
             answer_checks_per_second: DEFAULT_ANSWER_CHECKS_PER_SECOND,
             log_probes: false,
             series: Default::default(),
-            idle_limit: None,
+            middlebox: MiddleboxRules::default(),
             adopt_existing: false,
         })
     }

@@ -12,6 +12,7 @@ use std::{
 use kalive_common::{event_flag, event_kind, tcp_state, ConnIdentity, KernelEvent, ResetKey};
 
 use crate::{
+    advisor::MiddleboxRules,
     kernel::{decode::endpoints, units::KernelUnits},
     tracking::{
         connection::{
@@ -134,9 +135,9 @@ pub struct ConnectionTable {
     next_id: u64,
     /// Answer checks by (when due, socket), with the connection's first sighting.
     checks: BTreeSet<(u64, u64, u64)>,
-    /// The idle limit of the paths (`--middlebox-idle-timeout`), for `at_risk` and
-    /// `idle_killed`.
-    idle_limit: Option<Duration>,
+    /// The idle limits of the paths (`--middlebox-idle-timeout`, `--middlebox-rules`), for
+    /// `at_risk` and `idle_killed`.
+    middlebox: MiddleboxRules,
     /// Keepalive connections the inventory found before any timer run, by (netns, local,
     /// remote); their first record moves them to `live`.
     adopted: HashMap<(u32, SocketAddr, SocketAddr), Connection>,
@@ -151,7 +152,7 @@ impl ConnectionTable {
             totals: BTreeMap::new(),
             next_id: 1,
             checks: BTreeSet::new(),
-            idle_limit: None,
+            middlebox: MiddleboxRules::default(),
             adopted: HashMap::new(),
         }
     }
@@ -236,13 +237,16 @@ impl ConnectionTable {
         }
     }
 
-    /// Holds connections to a middlebox idle limit from now on.
-    pub fn set_idle_limit(&mut self, limit: Option<Duration>) {
-        self.idle_limit = limit;
+    /// Holds connections to these middlebox idle limits from now on.
+    pub fn set_middlebox(&mut self, rules: MiddleboxRules) {
+        self.middlebox = rules;
     }
 
-    pub fn idle_limit(&self) -> Option<Duration> {
-        self.idle_limit
+    /// The idle limit of the path of `conn`, if any rule covers it.
+    fn idle_limit(&self, conn: &Connection) -> Option<Duration> {
+        self.middlebox
+            .limit_for(conn.local, conn.remote)
+            .map(|limit| Duration::from_secs(limit.seconds))
     }
 
     /// True when the path's idle limit will kill the connection (`risk_reason` says why).
@@ -254,7 +258,7 @@ impl ConnectionTable {
     /// probe comes after the limit) or `idle_without_keepalive` (no keepalive, and idle past
     /// the limit as of the last inventory); None when it will not, or without a limit.
     pub fn risk_reason(&self, conn: &Connection) -> Option<&'static str> {
-        let limit = self.idle_limit?;
+        let limit = self.idle_limit(conn)?;
         if conn.keepalive_on {
             (conn.settings.idle >= limit).then_some("keepalive_idle_above_limit")
         } else {
@@ -856,7 +860,7 @@ impl ConnectionTable {
     /// middlebox that forgets idle flows causes (it drops the probes, or answers them, or the
     /// next data, with an RST).
     fn idle_killed(&self, conn: &Connection, outcome: PeerState) -> bool {
-        let Some(limit) = self.idle_limit else {
+        let Some(limit) = self.idle_limit(conn) else {
             return false;
         };
         let failed = matches!(

@@ -254,6 +254,57 @@ fn audit_agrees_with_ss_and_flags_what_a_5_s_limit_kills() {
         Some(4 + other_at_risk(&report, netns.inum)),
         "{report}"
     );
+
+    // The same limit from a rules file, for the listener's port only: the same verdicts. A
+    // rule for another prefix holds nothing of these to a limit.
+    let listener_port = held.0.local_addr().expect("listener").port();
+    let verdicts = |rules: &str| -> Vec<(String, String)> {
+        let file = std::env::temp_dir().join(format!("kalive-rules-{}", std::process::id()));
+        std::fs::write(&file, rules).expect("rules file");
+        let output = Command::new(DAEMON)
+            .args(["audit", "--json", "--middlebox-rules"])
+            .arg(&file)
+            .output()
+            .expect("audit");
+        let _ = std::fs::remove_file(&file);
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let report: Value = serde_json::from_slice(&output.stdout).expect("JSON");
+        let mut verdicts: Vec<(String, String)> = report["connections"]
+            .as_array()
+            .expect("connections")
+            .iter()
+            .filter(|c| c["netns"] == u64::from(netns.inum))
+            .map(|c| {
+                (
+                    c["local"].as_str().unwrap_or("").to_owned(),
+                    c["risk"]["verdict"].as_str().unwrap_or("").to_owned(),
+                )
+            })
+            .collect();
+        verdicts.sort();
+        verdicts
+    };
+    let mut expected: Vec<(String, String)> = audited
+        .iter()
+        .map(|c| (c["local"].as_str().unwrap_or("").to_owned(), verdict(c)))
+        .collect();
+    expected.sort();
+    assert_eq!(
+        verdicts(&format!(
+            "# only the test's service\nport:{listener_port} 5s\n192.168.0.0/16 1s\n"
+        )),
+        expected
+    );
+    // (The host's connection tracking timeout, when loaded, still applies: days, not 5 s.)
+    let elsewhere = verdicts("192.168.0.0/16 5s\n");
+    assert!(
+        elsewhere.iter().all(|(_, verdict)| verdict != "at_risk"),
+        "a rule for another prefix applied: {elsewhere:?}"
+    );
     drop(held);
 }
 

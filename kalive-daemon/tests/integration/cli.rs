@@ -138,6 +138,42 @@ fn http_options_are_checked_before_anything_loads() {
 }
 
 #[test]
+fn a_bad_middlebox_rules_file_names_its_line() {
+    let dir = std::env::temp_dir().join(format!("kalive-cli-rules-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let rules = dir.join("rules");
+    std::fs::write(&rules, "10.0.0.0/8 350s\nport:http 4m\n").expect("write");
+    for command in ["audit", "run"] {
+        let output = daemon()
+            .args([
+                command,
+                "--middlebox-rules",
+                rules.to_str().expect("utf-8 path"),
+            ])
+            .output()
+            .expect("kalive-daemon");
+        assert_eq!(output.status.code(), Some(1), "{command}");
+        let text = String::from_utf8_lossy(&output.stderr);
+        assert!(
+            text.contains("line 2: \"http\" is not a port") && text.contains("DESTINATION LIMIT"),
+            "{command}: {text}"
+        );
+    }
+    let output = daemon()
+        .args(["audit", "--middlebox-rules", "/nonexistent/rules"])
+        .output()
+        .expect("kalive-daemon");
+    assert_eq!(output.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&output.stderr)
+            .contains("cannot read the middlebox rules file /nonexistent/rules"),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
 fn top_help_lists_its_options() {
     let output = daemon()
         .args(["top", "--help"])

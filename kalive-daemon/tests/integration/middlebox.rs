@@ -18,7 +18,10 @@ use std::{
 };
 
 use kalive_daemon::{
-    collector::CollectorOptions, kernel::loader::LoadOptions, tracking::peer_state::PeerState,
+    advisor::{IdleLimit, MiddleboxRules},
+    collector::CollectorOptions,
+    kernel::loader::LoadOptions,
+    tracking::peer_state::PeerState,
 };
 use kalive_testkit::{
     kalive::{test_hook_mode, Kalive},
@@ -90,7 +93,10 @@ fn a_middlebox_kills_what_the_advisor_flags_and_the_suggested_setting_survives_i
         answer_checks_per_second: 1_000,
         log_probes: false,
         series: Default::default(),
-        idle_limit: Some(LIMIT),
+        middlebox: MiddleboxRules::everywhere(IdleLimit {
+            seconds: LIMIT.as_secs(),
+            from: "the test's middlebox".to_owned(),
+        }),
         adopt_existing: false,
     });
     let link = Link::new(LinkConfig::default());

@@ -15,6 +15,7 @@ use std::{
 };
 
 use kalive_daemon::{
+    advisor::MiddleboxRules,
     collector::CollectorOptions,
     kernel::loader::LoadOptions,
     tracking::{
@@ -699,7 +700,7 @@ fn more_connections_than_the_map_holds() {
         answer_checks_per_second: 1_000,
         log_probes: false,
         series: Default::default(),
-        idle_limit: None,
+        middlebox: MiddleboxRules::default(),
         adopt_existing: false,
     });
     let link = Link::new(LinkConfig::default());

@@ -21,6 +21,7 @@ use std::{
 };
 
 use kalive_daemon::{
+    advisor::MiddleboxRules,
     collector::{Collector, CollectorError, CollectorOptions, DEFAULT_ANSWER_CHECKS_PER_SECOND},
     kernel::loader::{HookMode, LoadError, LoadOptions},
 };
@@ -215,7 +216,7 @@ fn run_mode(runtime: &tokio::runtime::Runtime, mode: HookMode) {
         answer_checks_per_second: DEFAULT_ANSWER_CHECKS_PER_SECOND,
         log_probes: false,
         series: Default::default(),
-        idle_limit: None,
+        middlebox: MiddleboxRules::default(),
         adopt_existing: false,
     };
     let started = {

@@ -8,7 +8,7 @@
 use std::{collections::HashMap, net::SocketAddr, time::Duration};
 
 use kalive_daemon::{
-    advisor::{self, IdleLimit, KeepaliveSettings, Risk},
+    advisor::{self, IdleLimit, KeepaliveSettings, MiddleboxRules, Risk},
     inventory::{self, Connection, Inventory, NamespaceSettings},
 };
 
@@ -19,8 +19,9 @@ const LINUX_DEFAULTS: (u32, u32, u32) = (7200, 75, 9);
 
 #[derive(serde::Serialize)]
 struct Report {
-    /// The limit given on the command line, before the host's own are applied.
-    middlebox_idle_limit: Option<IdleLimitJson>,
+    /// The limits given (--middlebox-idle-timeout, --middlebox, --middlebox-rules), before the
+    /// host's own apply; each connection's `idle_limit` is the one it is held to.
+    middlebox_rules: Option<String>,
     connections: Vec<ConnectionJson>,
     at_risk: usize,
     problems: Vec<String>,
@@ -61,9 +62,9 @@ struct ConnectionJson {
 }
 
 pub(crate) fn audit(args: &AuditArgs) -> anyhow::Result<()> {
-    let configured = args.middlebox.limit();
+    let rules = args.middlebox.rules()?;
     let taken = inventory::take();
-    let report = judge(&taken, configured.as_ref());
+    let report = judge(&taken, &rules);
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
@@ -82,7 +83,7 @@ fn host_limit(settings: Option<&NamespaceSettings>) -> Option<IdleLimit> {
         })
 }
 
-fn judge(taken: &Inventory, configured: Option<&IdleLimit>) -> Report {
+fn judge(taken: &Inventory, rules: &MiddleboxRules) -> Report {
     // Both ends of a connection on this host: each can vouch for the other's path.
     let settings_by_id: HashMap<(u32, SocketAddr, SocketAddr), KeepaliveSettings> = taken
         .connections
@@ -100,6 +101,7 @@ fn judge(taken: &Inventory, configured: Option<&IdleLimit>) -> Report {
         .map(|connection| {
             let peer =
                 settings_by_id.get(&(connection.netns, connection.remote(), connection.local()));
+            let configured = rules.limit_for(connection.local(), connection.remote());
             judge_one(
                 connection,
                 peer,
@@ -109,10 +111,7 @@ fn judge(taken: &Inventory, configured: Option<&IdleLimit>) -> Report {
         })
         .collect();
     Report {
-        middlebox_idle_limit: configured.map(|limit| IdleLimitJson {
-            seconds: limit.seconds,
-            from: limit.from.clone(),
-        }),
+        middlebox_rules: (!rules.is_empty()).then(|| rules.to_string()),
         at_risk: connections.iter().filter(|c| c.risk.at_risk()).count(),
         connections,
         problems: taken.problems.clone(),
@@ -206,13 +205,11 @@ fn settings_origin(
 }
 
 fn print_text(report: &Report) {
-    match &report.middlebox_idle_limit {
-        Some(limit) => println!(
-            "kalive audit: {} TCP connection(s), {} at risk of a {} s middlebox idle limit ({})",
+    match &report.middlebox_rules {
+        Some(rules) => println!(
+            "kalive audit: {} TCP connection(s), {} at risk of their path's idle limit ({rules})",
             report.connections.len(),
             report.at_risk,
-            limit.seconds,
-            limit.from
         ),
         None => println!(
             "kalive audit: {} TCP connection(s); give --middlebox-idle-timeout or --middlebox to \

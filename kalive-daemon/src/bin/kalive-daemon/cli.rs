@@ -233,11 +233,38 @@ pub(crate) struct MiddleboxArgs {
     /// A middlebox whose idle limit kalive knows, instead of --middlebox-idle-timeout.
     #[arg(long, value_name = "PRESET", conflicts_with = "middlebox_idle_timeout", value_parser = middlebox_parser())]
     pub(crate) middlebox: Option<String>,
+
+    /// Idle limits per destination: one `DESTINATION LIMIT` per line, DESTINATION a prefix
+    /// (10.20.0.0/16), an address, port:N or *, LIMIT a duration or a preset. Every rule a
+    /// connection matches applies (with the global limit); the shortest wins.
+    #[arg(long, value_name = "FILE")]
+    pub(crate) middlebox_rules: Option<PathBuf>,
 }
 
 impl MiddleboxArgs {
-    /// The limit given, with where it comes from; None when neither option is.
-    pub(crate) fn limit(&self) -> Option<kalive_daemon::advisor::IdleLimit> {
+    /// Every limit given: the global one and the rules file's.
+    pub(crate) fn rules(&self) -> anyhow::Result<kalive_daemon::advisor::MiddleboxRules> {
+        let mut rules = self
+            .limit()
+            .map(kalive_daemon::advisor::MiddleboxRules::everywhere)
+            .unwrap_or_default();
+        if let Some(path) = &self.middlebox_rules {
+            let text = std::fs::read_to_string(path).map_err(|err| {
+                anyhow::anyhow!(
+                    "cannot read the middlebox rules file {}: {err}. Check the path given to \
+                     --middlebox-rules",
+                    path.display()
+                )
+            })?;
+            rules
+                .add_file_text(&text, &path.display().to_string())
+                .map_err(anyhow::Error::msg)?;
+        }
+        Ok(rules)
+    }
+
+    /// The global limit given, with where it comes from; None when neither option is.
+    fn limit(&self) -> Option<kalive_daemon::advisor::IdleLimit> {
         if let Some(name) = &self.middlebox {
             // clap accepted only a preset's name.
             let preset = kalive_daemon::advisor::preset(name).ok()?;

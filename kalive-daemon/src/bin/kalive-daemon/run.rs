@@ -1,6 +1,6 @@
 //! `kalive-daemon run`: the collector, the HTTP server, and a clean stop on SIGINT or SIGTERM.
 
-use std::{sync::Arc, time::Duration};
+use std::sync::Arc;
 
 use anyhow::Context as _;
 use kalive_daemon::{
@@ -37,13 +37,9 @@ pub(crate) async fn run(args: RunArgs) -> anyhow::Result<()> {
         }
     }
 
-    let idle_limit = args.middlebox.limit();
-    if let Some(limit) = &idle_limit {
-        log::info!(
-            "connections are held to a middlebox idle limit of {} s ({})",
-            limit.seconds,
-            limit.from
-        );
+    let middlebox = args.middlebox.rules()?;
+    if !middlebox.is_empty() {
+        log::info!("connections are held to the middlebox idle limits given: {middlebox}");
     }
 
     let cancel = CancellationToken::new();
@@ -66,9 +62,7 @@ pub(crate) async fn run(args: RunArgs) -> anyhow::Result<()> {
                 extra_labels: labels,
                 max_series: args.max_series as usize,
             },
-            idle_limit: idle_limit
-                .as_ref()
-                .map(|limit| Duration::from_secs(limit.seconds)),
+            middlebox,
             adopt_existing: true,
         },
         cancel.clone(),

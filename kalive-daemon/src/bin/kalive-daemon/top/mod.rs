@@ -31,6 +31,7 @@ use std::{
 
 use crossterm::event::Event as TerminalEvent;
 use kalive_daemon::{
+    advisor::MiddleboxRules,
     collector::{Collector, CollectorError, CollectorOptions, DEFAULT_ANSWER_CHECKS_PER_SECOND},
     export::metrics::SeriesOptions,
     kernel::{loader::LoadOptions, privileges::is_root},
@@ -108,7 +109,7 @@ pub(crate) async fn run(args: TopArgs) -> Result<(), TopError> {
                 answer_checks_per_second: DEFAULT_ANSWER_CHECKS_PER_SECOND,
                 log_probes: false,
                 series: SeriesOptions::default(),
-                idle_limit: None,
+                middlebox: MiddleboxRules::default(),
                 adopt_existing: true,
             },
             cancel.clone(),
