@@ -171,6 +171,40 @@ fn connections_older_than_the_daemon_are_adopted_within_5_s() {
     assert_eq!(plain_seen["keepalive"]["enabled"], false, "{plain_seen}");
     assert_eq!(plain_seen["dead_peer_detection_seconds"], Value::Null);
     assert_eq!(plain_seen["owner_pid"], std::process::id());
+    // The audit adds the running daemon's view of the same connection.
+    let output = std::process::Command::new(DAEMON)
+        .args([
+            "audit",
+            "--json",
+            "--endpoint",
+            &format!("http://{}", daemon.http),
+        ])
+        .output()
+        .expect("audit");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let report: Value = serde_json::from_slice(&output.stdout).expect("JSON");
+    assert_eq!(
+        report["daemon_error"],
+        Value::Null,
+        "{}",
+        report["daemon_error"]
+    );
+    let audited = report["connections"]
+        .as_array()
+        .and_then(|connections| {
+            connections.iter().find(|c| {
+                c["netns"] == u64::from(netns.inum)
+                    && c["local"] == format!("127.0.0.1:{}", ports.2).as_str()
+            })
+        })
+        .unwrap_or_else(|| panic!("the audit lists no connection from port {}", ports.2));
+    assert_eq!(audited["daemon"]["adopted"], true, "{audited}");
+    assert_eq!(audited["daemon"]["peer_state"], "alive", "{audited}");
+    assert_eq!(audited["daemon"]["probes_sent"], 0, "{audited}");
     // Both fall in the detection gauge's (600, 1800] bucket: 720 s and 700 s.
     let (status, exposition) = daemon.get("/metrics");
     assert_eq!(status, 200);

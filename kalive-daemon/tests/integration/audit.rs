@@ -127,7 +127,13 @@ fn audit_agrees_with_ss_and_flags_what_a_5_s_limit_kills() {
     std::thread::sleep(Duration::from_secs(6));
 
     let output = Command::new(DAEMON)
-        .args(["audit", "--json", "--middlebox-idle-timeout", "5s"])
+        .args([
+            "audit",
+            "--json",
+            "--no-daemon",
+            "--middlebox-idle-timeout",
+            "5s",
+        ])
         .output()
         .expect("audit");
     assert!(
@@ -136,6 +142,7 @@ fn audit_agrees_with_ss_and_flags_what_a_5_s_limit_kills() {
         String::from_utf8_lossy(&output.stderr)
     );
     let report: Value = serde_json::from_slice(&output.stdout).expect("JSON");
+    assert_eq!(report["daemon"], Value::Null, "--no-daemon asked a daemon");
     let ss = ss_sockets(&netns);
     let audited: Vec<&Value> = report["connections"]
         .as_array()
@@ -262,7 +269,7 @@ fn audit_agrees_with_ss_and_flags_what_a_5_s_limit_kills() {
         let file = std::env::temp_dir().join(format!("kalive-rules-{}", std::process::id()));
         std::fs::write(&file, rules).expect("rules file");
         let output = Command::new(DAEMON)
-            .args(["audit", "--json", "--middlebox-rules"])
+            .args(["audit", "--json", "--no-daemon", "--middlebox-rules"])
             .arg(&file)
             .output()
             .expect("audit");

@@ -10,15 +10,59 @@ use std::{collections::HashMap, net::SocketAddr, time::Duration};
 use kalive_daemon::{
     advisor::{self, IdleLimit, KeepaliveSettings, MiddleboxRules, Risk},
     inventory::{self, Connection, Inventory, NamespaceSettings},
+    wire::ConnectionJson as ConnectionJsonWire,
 };
 
-use crate::cli::AuditArgs;
+use crate::{
+    cli::AuditArgs,
+    top::source::{HttpSource, Source as _},
+};
 
 /// Linux's keepalive defaults (net.ipv4.tcp_keepalive_time, _intvl, _probes).
 const LINUX_DEFAULTS: (u32, u32, u32) = (7200, 75, 9);
 
+/// What a running daemon says of a connection.
+#[derive(serde::Serialize)]
+struct DaemonSays {
+    peer_state: String,
+    probes_sent: u64,
+    probes_answered: u64,
+    probes_outstanding: u32,
+    adopted: bool,
+    at_risk: bool,
+}
+
+/// A running daemon's connections by (netns, local, remote), or why there are none.
+fn daemon_view(
+    endpoint: &str,
+) -> Result<HashMap<(u32, String, String), ConnectionJsonWire>, String> {
+    let mut source = HttpSource::new(endpoint, None).map_err(|err| err.to_string())?;
+    let snapshot = source.fetch().map_err(|err| err.to_string())?;
+    Ok(snapshot
+        .connections
+        .connections
+        .into_iter()
+        .map(|conn| {
+            let local = endpoint_text(&conn.local_addr, conn.local_port);
+            let remote = endpoint_text(&conn.remote_addr, conn.remote_port);
+            ((conn.netns, local, remote), conn)
+        })
+        .collect())
+}
+
+/// "10.0.0.1:443", "[::1]:8080": how SocketAddr prints, from the API's address and port.
+fn endpoint_text(address: &str, port: u16) -> String {
+    match address.parse::<std::net::IpAddr>() {
+        Ok(ip) => SocketAddr::new(ip, port).to_string(),
+        Err(_) => format!("{address}:{port}"),
+    }
+}
+
 #[derive(serde::Serialize)]
 struct Report {
+    /// The daemon asked (None with --no-daemon) and, when it did not answer, why.
+    daemon: Option<String>,
+    daemon_error: Option<String>,
     /// The limits given (--middlebox-idle-timeout, --middlebox, --middlebox-rules), before the
     /// host's own apply; each connection's `idle_limit` is the one it is held to.
     middlebox_rules: Option<String>,
@@ -59,12 +103,37 @@ struct ConnectionJson {
     risk: Risk,
     /// For a connection at risk: the keepalive idle (TCP_KEEPIDLE) the fix sets.
     suggested_idle_seconds: Option<u64>,
+    /// What the running daemon says of it, when one runs and knows it.
+    daemon: Option<DaemonSays>,
 }
 
 pub(crate) fn audit(args: &AuditArgs) -> anyhow::Result<()> {
     let rules = args.middlebox.rules()?;
     let taken = inventory::take();
-    let report = judge(&taken, &rules);
+    let mut report = judge(&taken, &rules);
+    if !args.no_daemon {
+        report.daemon = Some(args.endpoint.clone());
+        match daemon_view(&args.endpoint) {
+            Ok(known) => {
+                for connection in &mut report.connections {
+                    let key = (
+                        connection.netns,
+                        connection.local.clone(),
+                        connection.remote.clone(),
+                    );
+                    connection.daemon = known.get(&key).map(|conn| DaemonSays {
+                        peer_state: conn.peer_state_detail.clone(),
+                        probes_sent: conn.probes_sent,
+                        probes_answered: conn.probes_answered,
+                        probes_outstanding: conn.probes_outstanding,
+                        adopted: conn.adopted,
+                        at_risk: conn.at_risk,
+                    });
+                }
+            }
+            Err(reason) => report.daemon_error = Some(reason),
+        }
+    }
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
@@ -111,6 +180,8 @@ fn judge(taken: &Inventory, rules: &MiddleboxRules) -> Report {
         })
         .collect();
     Report {
+        daemon: None,
+        daemon_error: None,
         middlebox_rules: (!rules.is_empty()).then(|| rules.to_string()),
         at_risk: connections.iter().filter(|c| c.risk.at_risk()).count(),
         connections,
@@ -167,6 +238,7 @@ fn judge_one(
         dead_peer_detection_seconds: settings
             .and_then(KeepaliveSettings::dead_peer_detection)
             .map(|detection| detection.as_secs()),
+        daemon: None,
         suggested_idle_seconds: (risk.at_risk())
             .then(|| {
                 limit
@@ -268,7 +340,27 @@ fn print_text(report: &Report) {
             "  {idle}timer {} ({} ms, {} unanswered); {detection}",
             connection.timer, connection.timer_expires_ms, connection.probes
         );
+        if let Some(daemon) = &connection.daemon {
+            println!(
+                "  daemon: {}, probes sent {}, answered {}{}",
+                daemon.peer_state,
+                daemon.probes_sent,
+                daemon.probes_answered,
+                if daemon.adopted {
+                    " (adopted, no keepalive run seen yet)"
+                } else {
+                    ""
+                }
+            );
+        }
         println!("  {}", connection.risk);
+    }
+    match (&report.daemon, &report.daemon_error) {
+        (Some(endpoint), Some(reason)) => {
+            println!("\nno running daemon's view ({endpoint}): {reason}");
+        }
+        (Some(endpoint), None) => println!("\nwith the running daemon's view ({endpoint})"),
+        (None, _) => {}
     }
     for problem in &report.problems {
         println!("\nnot listed: {problem}");

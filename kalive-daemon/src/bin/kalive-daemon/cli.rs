@@ -219,6 +219,15 @@ pub(crate) struct AuditArgs {
 
     #[command(flatten)]
     pub(crate) middlebox: MiddleboxArgs,
+
+    /// A running daemon whose view (peer state, probes) is added to each connection it knows:
+    /// http://HOST:PORT (plain HTTP). Without one there, the audit goes on alone.
+    #[arg(long, default_value_t = format!("http://{DEFAULT_LISTEN}"))]
+    pub(crate) endpoint: String,
+
+    /// Do not ask a running daemon.
+    #[arg(long)]
+    pub(crate) no_daemon: bool,
 }
 
 /// The idle limit of the paths, for `audit` and `run`.
