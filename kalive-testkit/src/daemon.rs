@@ -130,6 +130,21 @@ pub fn metric_sum(exposition: &str, name: &str, with: &[&str]) -> u64 {
         .sum()
 }
 
+/// `kalive-daemon audit --json ARGS` (the real `binary`): its report, once it succeeded.
+pub fn audit_json(binary: &str, args: &[&str]) -> serde_json::Value {
+    let output = Command::new(binary)
+        .args(["audit", "--json"])
+        .args(args)
+        .output()
+        .expect("run kalive-daemon audit");
+    assert!(
+        output.status.success(),
+        "kalive-daemon audit {args:?} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).expect("audit --json prints JSON")
+}
+
 /// `promtool check metrics` on an exposition: it must pass without a single warning.
 pub fn promtool_check(exposition: &str) {
     use std::io::Write as _;

@@ -188,3 +188,27 @@ pub fn raise_fd_limit(wanted: u64) {
         io::Error::last_os_error()
     );
 }
+
+/// A loopback keepalive connection in the calling thread's namespace whose peer stops
+/// answering (`settings`), held until the kernel gives up on it (ETIMEDOUT, asserted; at most
+/// `wait`): the TcpExt counters of the namespace meanwhile, and the client's local port.
+pub fn dead_peer_until_timeout(
+    settings: Keepalive,
+    wait: Duration,
+) -> (crate::proc_net::KernelDelta, u16) {
+    let before = crate::proc_net::tcp_ext();
+    let listener = listen("127.0.0.1:0");
+    let (client, _server) = connected_pair(&listener);
+    enable_keepalive(&client, Some(settings));
+    drop_all_inbound(&client);
+    assert_eq!(
+        wait_for_error(&client, wait, "the dead peer's timeout"),
+        libc::ETIMEDOUT
+    );
+    // tcp_write_err sets the error before it counts TCPAbortOnTimeout.
+    std::thread::sleep(Duration::from_millis(200));
+    (
+        crate::proc_net::delta(&before, &crate::proc_net::tcp_ext()),
+        local_port(&client),
+    )
+}

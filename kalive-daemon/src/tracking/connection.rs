@@ -112,7 +112,54 @@ pub struct Found {
     pub owner: Option<SocketOwner>,
 }
 
+/// Who a new connection is: its id, namespace, endpoints and direction.
+#[derive(Clone, Copy, Debug)]
+pub struct Identity {
+    pub id: u64,
+    pub netns: u32,
+    pub local: SocketAddr,
+    pub remote: SocketAddr,
+    pub direction: Direction,
+}
+
 impl Connection {
+    /// A connection just seen: alive, nothing sent or answered yet.
+    pub fn new(
+        identity: Identity,
+        keepalive_on: bool,
+        settings: KeepaliveSettings,
+        first_seen_ns: u64,
+    ) -> Connection {
+        Connection {
+            id: identity.id,
+            netns: identity.netns,
+            local: identity.local,
+            remote: identity.remote,
+            direction: identity.direction,
+            keepalive_on,
+            settings,
+            probes_sent: 0,
+            probes_answered: 0,
+            probes_outstanding: 0,
+            send_failures: 0,
+            awaiting: None,
+            window_closed: false,
+            srtt: Duration::ZERO,
+            first_seen_ns,
+            last_probe_ns: 0,
+            last_run_ns: 0,
+            idle_at_last_run: Duration::ZERO,
+            idle_before_probing: None,
+            idle_at_reset: None,
+            peer_state: PeerState::Alive,
+            reset_received: false,
+            reset_during_probe: false,
+            last_error: 0,
+            adopted: false,
+            owner: None,
+        }
+    }
+
     pub fn service_port(&self) -> u16 {
         service_port(self.direction, self.local, self.remote)
     }

@@ -16,7 +16,7 @@ use crate::{
     kernel::{decode::endpoints, units::KernelUnits},
     tracking::{
         connection::{
-            direction_from_ports, service_port, Connection, EndedConnection, Found,
+            direction_from_ports, service_port, Connection, EndedConnection, Found, Identity,
             KeepaliveSettings, PeerStateChange,
         },
         history::{Change, History},
@@ -201,10 +201,8 @@ impl ConnectionTable {
     }
 
     fn adopted_connection(&mut self, found: &Found, now_ns: u64) -> Connection {
-        let id = self.next_id;
-        self.next_id += 1;
-        Connection {
-            id,
+        let identity = Identity {
+            id: self.take_id(),
             netns: found.netns,
             local: found.local,
             remote: found.remote,
@@ -213,28 +211,20 @@ impl ConnectionTable {
                 found.remote.port(),
                 &self.units.ephemeral_ports,
             ),
-            keepalive_on: found.keepalive_on,
-            settings: found.settings,
-            probes_sent: 0,
-            probes_answered: 0,
-            probes_outstanding: found.probes_outstanding,
-            send_failures: 0,
-            awaiting: None,
-            window_closed: false,
-            srtt: found.srtt,
-            first_seen_ns: now_ns,
-            last_probe_ns: 0,
-            last_run_ns: 0,
-            idle_at_last_run: found.idle,
-            idle_before_probing: None,
-            idle_at_reset: None,
-            peer_state: PeerState::Alive,
-            reset_received: false,
-            reset_during_probe: false,
-            last_error: 0,
-            adopted: true,
-            owner: found.owner.clone(),
-        }
+        };
+        let mut conn = Connection::new(identity, found.keepalive_on, found.settings, now_ns);
+        conn.probes_outstanding = found.probes_outstanding;
+        conn.srtt = found.srtt;
+        conn.idle_at_last_run = found.idle;
+        conn.adopted = true;
+        conn.owner = found.owner.clone();
+        conn
+    }
+
+    fn take_id(&mut self) -> u64 {
+        let id = self.next_id;
+        self.next_id += 1;
+        id
     }
 
     /// Holds connections to these middlebox idle limits from now on.
@@ -479,36 +469,19 @@ impl ConnectionTable {
 
     fn new_connection(&mut self, event: &KernelEvent) -> Connection {
         let (local, remote) = endpoints(&event.id);
-        let id = self.next_id;
-        self.next_id += 1;
-        Connection {
-            id,
+        let identity = Identity {
+            id: self.take_id(),
             netns: event.id.netns,
             local,
             remote,
             direction: direction_of(&event.id),
-            keepalive_on: event.after.keepalive_on != 0,
-            settings: self.settings(event),
-            probes_sent: 0,
-            probes_answered: 0,
-            probes_outstanding: 0,
-            send_failures: 0,
-            awaiting: None,
-            window_closed: false,
-            srtt: Duration::ZERO,
-            first_seen_ns: event.first_seen_ns,
-            last_probe_ns: 0,
-            last_run_ns: 0,
-            idle_at_last_run: Duration::ZERO,
-            idle_before_probing: None,
-            idle_at_reset: None,
-            peer_state: PeerState::Alive,
-            reset_received: false,
-            reset_during_probe: false,
-            last_error: 0,
-            adopted: false,
-            owner: None,
-        }
+        };
+        Connection::new(
+            identity,
+            event.after.keepalive_on != 0,
+            self.settings(event),
+            event.first_seen_ns,
+        )
     }
 
     /// Copies what the socket said (settings, outstanding probes, window) into `conn`.

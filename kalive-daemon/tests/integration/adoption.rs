@@ -10,7 +10,7 @@ use std::{
 };
 
 use kalive_testkit::{
-    daemon::{metric_sum, DaemonProcess},
+    daemon::{audit_json, metric_sum, DaemonProcess},
     netns::Netns,
     privilege::{privileged, tool},
     process::{own_cgroup, own_command},
@@ -172,21 +172,7 @@ fn connections_older_than_the_daemon_are_adopted_within_5_s() {
     assert_eq!(plain_seen["dead_peer_detection_seconds"], Value::Null);
     assert_eq!(plain_seen["owner_pid"], std::process::id());
     // The audit adds the running daemon's view of the same connection.
-    let output = std::process::Command::new(DAEMON)
-        .args([
-            "audit",
-            "--json",
-            "--endpoint",
-            &format!("http://{}", daemon.http),
-        ])
-        .output()
-        .expect("audit");
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let report: Value = serde_json::from_slice(&output.stdout).expect("JSON");
+    let report = audit_json(DAEMON, &["--endpoint", &format!("http://{}", daemon.http)]);
     assert_eq!(
         report["daemon_error"],
         Value::Null,

@@ -5,9 +5,10 @@
 //! were given, the namespace's sysctls are what `sysctl` says there, and the advisor flags
 //! exactly the connections the limit will kill.
 
-use std::{collections::BTreeMap, process::Command, time::Duration};
+use std::{collections::BTreeMap, time::Duration};
 
 use kalive_testkit::{
+    daemon::audit_json,
     netns::Netns,
     privilege::{privileged, tool},
     process::own_cgroup,
@@ -126,22 +127,7 @@ fn audit_agrees_with_ss_and_flags_what_a_5_s_limit_kills() {
     // Idle past the 5 s limit; the short keepalive probes (answered) meanwhile.
     std::thread::sleep(Duration::from_secs(6));
 
-    let output = Command::new(DAEMON)
-        .args([
-            "audit",
-            "--json",
-            "--no-daemon",
-            "--middlebox-idle-timeout",
-            "5s",
-        ])
-        .output()
-        .expect("audit");
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let report: Value = serde_json::from_slice(&output.stdout).expect("JSON");
+    let report = audit_json(DAEMON, &["--no-daemon", "--middlebox-idle-timeout", "5s"]);
     assert_eq!(report["daemon"], Value::Null, "--no-daemon asked a daemon");
     let ss = ss_sockets(&netns);
     let audited: Vec<&Value> = report["connections"]
@@ -268,18 +254,15 @@ fn audit_agrees_with_ss_and_flags_what_a_5_s_limit_kills() {
     let verdicts = |rules: &str| -> Vec<(String, String)> {
         let file = std::env::temp_dir().join(format!("kalive-rules-{}", std::process::id()));
         std::fs::write(&file, rules).expect("rules file");
-        let output = Command::new(DAEMON)
-            .args(["audit", "--json", "--no-daemon", "--middlebox-rules"])
-            .arg(&file)
-            .output()
-            .expect("audit");
-        let _ = std::fs::remove_file(&file);
-        assert!(
-            output.status.success(),
-            "{}",
-            String::from_utf8_lossy(&output.stderr)
+        let report = audit_json(
+            DAEMON,
+            &[
+                "--no-daemon",
+                "--middlebox-rules",
+                file.to_str().expect("utf-8 path"),
+            ],
         );
-        let report: Value = serde_json::from_slice(&output.stdout).expect("JSON");
+        let _ = std::fs::remove_file(&file);
         let mut verdicts: Vec<(String, String)> = report["connections"]
             .as_array()
             .expect("connections")

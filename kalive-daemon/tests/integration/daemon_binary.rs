@@ -9,8 +9,8 @@ use kalive_testkit::{
     privilege::privileged,
     proc_net::{delta, tcp_ext},
     sockets::{
-        connected_pair, drop_all_inbound, enable_keepalive, listen, local_port, socket_error,
-        Keepalive, FAST,
+        connected_pair, dead_peer_until_timeout, drop_all_inbound, enable_keepalive, listen,
+        socket_error, Keepalive, FAST,
     },
 };
 
@@ -96,16 +96,7 @@ fn ebpf_log_explains_each_keepalive_run() {
     }
     let daemon = DaemonProcess::start(DAEMON, &["--ebpf-log", "debug", "--quiet-probes"]);
     let netns = Netns::new();
-    let (kernel, port) = netns.run(|| {
-        let before = tcp_ext();
-        let listener = listen("127.0.0.1:0");
-        let (client, _server) = connected_pair(&listener);
-        enable_keepalive(&client, Some(FAST));
-        drop_all_inbound(&client);
-        std::thread::sleep(Duration::from_secs(6));
-        assert_eq!(socket_error(&client), libc::ETIMEDOUT);
-        (delta(&before, &tcp_ext()), local_port(&client))
-    });
+    let (kernel, port) = netns.run(|| dead_peer_until_timeout(FAST, Duration::from_secs(10)));
     // The kernel's lines name the namespace and ports. They come through a ring buffer of
     // their own, so read on for a second after the daemon's outcome line.
     let mine = format!("netns {} port {port} ->", netns.inum);

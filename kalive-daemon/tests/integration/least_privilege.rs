@@ -16,8 +16,7 @@ use kalive_testkit::{
     daemon::{metric_sum, DaemonProcess},
     netns::Netns,
     privilege::{privileged, tool},
-    proc_net::{delta, tcp_ext},
-    sockets::{connected_pair, drop_all_inbound, enable_keepalive, listen, socket_error, FAST},
+    sockets::{dead_peer_until_timeout, FAST},
 };
 
 use crate::DAEMON;
@@ -256,19 +255,7 @@ fn a_daemon_with_only_its_capabilities_sees_a_dead_peer() {
     );
 
     let netns = Netns::new();
-    let (kernel, port) = netns.run(|| {
-        let before = tcp_ext();
-        let listener = listen("127.0.0.1:0");
-        let (client, _server) = connected_pair(&listener);
-        enable_keepalive(&client, Some(FAST));
-        drop_all_inbound(&client);
-        std::thread::sleep(Duration::from_secs(6));
-        assert_eq!(socket_error(&client), libc::ETIMEDOUT);
-        (
-            delta(&before, &tcp_ext()),
-            client.local_addr().expect("address").port(),
-        )
-    });
+    let (kernel, port) = netns.run(|| dead_peer_until_timeout(FAST, Duration::from_secs(10)));
     let local = format!("local=127.0.0.1:{port} ");
     let mut probes = 0;
     let mut warnings = Vec::new();

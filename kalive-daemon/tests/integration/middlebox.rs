@@ -9,7 +9,6 @@
 use std::{
     io::{Read as _, Write as _},
     net::{SocketAddr, TcpListener, TcpStream},
-    process::Command,
     sync::{
         atomic::{AtomicBool, Ordering},
         Arc,
@@ -24,6 +23,7 @@ use kalive_daemon::{
     tracking::peer_state::PeerState,
 };
 use kalive_testkit::{
+    daemon::audit_json,
     kalive::{test_hook_mode, Kalive},
     link::{Link, LinkConfig},
     privilege::privileged,
@@ -55,16 +55,7 @@ fn keepalive(idle_s: i32) -> Keepalive {
 
 /// `kalive-daemon audit --json` held to the middlebox's limit: the connection from `port`.
 fn audited(port: u16) -> Value {
-    let output = Command::new(DAEMON)
-        .args(["audit", "--json", "--middlebox-idle-timeout", "5s"])
-        .output()
-        .expect("audit");
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let report: Value = serde_json::from_slice(&output.stdout).expect("JSON");
+    let report = audit_json(DAEMON, &["--no-daemon", "--middlebox-idle-timeout", "5s"]);
     report["connections"]
         .as_array()
         .and_then(|connections| {
