@@ -445,8 +445,10 @@ mod tests {
         let mut conns = sample();
         conns[0].owner_command = Some("sshd".into());
         conns[0].owner_pid = Some(812);
+        conns[0].owner_cgroup = Some("/system.slice/ssh.service".into());
         conns[1].owner_command = Some("redis-server".into());
         conns[1].owner_pid = Some(2001);
+        conns[1].owner_cgroup = Some("/kubepods/burstable/pod42/c0ffee".into());
         let mut app = App::new(30.0);
         app.apply(snapshot(1000.0, conns, events(vec![], false)));
         let shown = |app: &mut App, text: &str| {
@@ -457,6 +459,8 @@ mod tests {
         assert_eq!(shown(&mut app, "owner:REDIS,sshd"), [2, 1]);
         assert_eq!(shown(&mut app, "pid:2001"), [2]);
         assert_eq!(shown(&mut app, "pid:1"), Vec::<u64>::new());
+        assert_eq!(shown(&mut app, "cgroup:ssh.service"), [1]);
+        assert_eq!(shown(&mut app, "cgroup:KUBEPODS"), [2]);
         assert!(!app.set_filter("pid:me"));
         assert!(app.set_filter("owner:sshd"));
         let owners: Vec<String> = app

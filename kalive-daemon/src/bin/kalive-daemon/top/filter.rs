@@ -18,6 +18,8 @@ enum Term {
     Owner(Vec<String>),
     /// The owning process's pid.
     Pid(Vec<u32>),
+    /// Part of the owner's cgroup: its systemd unit or container ("ssh.service", "kubepods").
+    Cgroup(Vec<String>),
 }
 
 /// The parsed `/` filter.
@@ -28,8 +30,8 @@ pub(crate) struct Filter {
 }
 
 const FILTER_HELP: &str = "use port:N, addr:TEXT, state:NAME, netns:N, owner:COMMAND, pid:N, \
-                           at-risk, or a bare port, address or state; separate alternatives with \
-                           commas";
+                           cgroup:TEXT, at-risk, or a bare port, address or state; separate \
+                           alternatives with commas";
 
 impl Filter {
     /// Parses `text`; an error names the bad term and the accepted forms.
@@ -41,9 +43,10 @@ impl Filter {
                 continue;
             }
             let (key, values) = match word.split_once(':') {
-                Some((key @ ("port" | "addr" | "state" | "netns" | "owner" | "pid"), values)) => {
-                    (key, values)
-                }
+                Some((
+                    key @ ("port" | "addr" | "state" | "netns" | "owner" | "pid" | "cgroup"),
+                    values,
+                )) => (key, values),
                 _ => ("", word),
             };
             let values: Vec<&str> = values.split(',').filter(|v| !v.is_empty()).collect();
@@ -80,6 +83,7 @@ impl Filter {
                         .collect::<Result<_, _>>()?,
                 ),
                 "owner" => Term::Owner(lower()),
+                "cgroup" => Term::Cgroup(lower()),
                 "addr" => Term::Addr(lower()),
                 "state" => Term::State(lower()),
                 // A bare word: a port if it is a number, an address if it looks like one.
@@ -123,6 +127,10 @@ impl Filter {
                 names.iter().any(|name| command.starts_with(name.as_str()))
             }),
             Term::Pid(pids) => row.conn.owner_pid.is_some_and(|pid| pids.contains(&pid)),
+            Term::Cgroup(parts) => row.conn.owner_cgroup.as_ref().is_some_and(|cgroup| {
+                let cgroup = cgroup.to_ascii_lowercase();
+                parts.iter().any(|part| cgroup.contains(part.as_str()))
+            }),
         })
     }
 }
