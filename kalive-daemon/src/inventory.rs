@@ -9,7 +9,8 @@ use std::{collections::HashMap, net::SocketAddr, time::Duration};
 use crate::{
     advisor::KeepaliveSettings,
     kernel::{
-        netns::{in_namespace, NetnsDirectory},
+        ipvs,
+        netns::{current_thread_namespace, in_namespace, NetnsDirectory},
         procfs::{keepalive_sysctls, KeepaliveSysctls},
         sock_diag::{Family, SockDiag, TcpSocketState, TimerKind},
         socket_owners::{keepalive_settings, socket_owners, SocketOwner},
@@ -52,6 +53,9 @@ pub struct NamespaceSettings {
     pub keepalive: Option<KeepaliveSysctls>,
     /// net.netfilter.nf_conntrack_tcp_timeout_established, when connection tracking is loaded.
     pub conntrack_established_seconds: Option<u64>,
+    /// IPVS's TCP timeout (kube-proxy's `--ipvs-tcp-timeout`, `ipvsadm --set`), when IPVS is
+    /// loaded.
+    pub ipvs_tcp_timeout_seconds: Option<u64>,
 }
 
 /// What the host holds, with what could not be read.
@@ -61,6 +65,8 @@ pub struct Inventory {
     pub namespaces: HashMap<u32, NamespaceSettings>,
     /// Namespaces or families that could not be listed, with the reason.
     pub problems: Vec<String>,
+    /// The namespace the inventory ran in (the host's, for the daemon and `audit`).
+    pub own_netns: Option<u32>,
 }
 
 /// TCP states an audit lists: everything with a peer, not the listeners, not TIME_WAIT (no
@@ -73,7 +79,10 @@ const CONNTRACK_TIMEOUT: &str = "/proc/sys/net/netfilter/nf_conntrack_tcp_timeou
 
 /// Takes the inventory now.
 pub fn take() -> Inventory {
-    let mut inventory = Inventory::default();
+    let mut inventory = Inventory {
+        own_netns: current_thread_namespace(),
+        ..Inventory::default()
+    };
     let mut diag = SockDiag::new();
     let mut directory = NetnsDirectory::new();
     let owners = socket_owners();
@@ -110,6 +119,7 @@ pub fn take() -> Inventory {
                 conntrack_established_seconds: std::fs::read_to_string(CONNTRACK_TIMEOUT)
                     .ok()
                     .and_then(|text| text.trim().parse().ok()),
+                ipvs_tcp_timeout_seconds: ipvs::tcp_timeout_seconds().ok().flatten().map(u64::from),
             })
             .unwrap_or_else(|err| {
                 inventory
@@ -138,8 +148,9 @@ pub fn adoptable(inventory: &Inventory) -> Vec<Found> {
             let settings = connection.keepalive.as_ref().ok()?;
             Some(Found {
                 netns: connection.netns,
-                local: connection.local(),
-                remote: connection.remote(),
+                // As the kernel programs report them: no IPv6 scope id.
+                local: without_scope(connection.local()),
+                remote: without_scope(connection.remote()),
                 keepalive_on: settings.enabled,
                 settings: TrackedSettings {
                     idle: Duration::from_secs(u64::from(settings.idle_seconds)),
@@ -157,6 +168,17 @@ pub fn adoptable(inventory: &Inventory) -> Vec<Found> {
             })
         })
         .collect()
+}
+
+/// `address` without an IPv6 scope id.
+fn without_scope(address: SocketAddr) -> SocketAddr {
+    match address {
+        SocketAddr::V6(mut v6) => {
+            v6.set_scope_id(0);
+            SocketAddr::V6(v6)
+        }
+        v4 @ SocketAddr::V4(_) => v4,
+    }
 }
 
 /// `ss`'s name of a TCP state.

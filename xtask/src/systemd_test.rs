@@ -26,7 +26,20 @@ use crate::{
 
 /// What the guest's root filesystem is made of; a change makes a new one.
 const SUITE: &str = "bookworm";
-const ROOTFS_PACKAGES: &str = "systemd,systemd-sysv";
+/// kmod and ipvsadm: the IPVS step loads ip_vs and sets its timeouts as kube-proxy does.
+const ROOTFS_PACKAGES: &str = "systemd,systemd-sysv,kmod,ipvsadm";
+/// The modules the guest loads first, in order, from the kernel's package (it has no module
+/// tree to load them on demand from): TCP's sock_diag handler, which Debian's cloud kernels
+/// build as modules, and IPVS with what it needs.
+const GUEST_MODULES: [&str; 7] = [
+    "kernel/net/ipv4/inet_diag.ko",
+    "kernel/net/ipv4/tcp_diag.ko",
+    "kernel/lib/libcrc32c.ko",
+    "kernel/net/ipv4/netfilter/nf_defrag_ipv4.ko",
+    "kernel/net/ipv6/netfilter/nf_defrag_ipv6.ko",
+    "kernel/net/netfilter/nf_conntrack.ko",
+    "kernel/net/netfilter/ipvs/ip_vs.ko",
+];
 /// Left out of the guest (dpkg path filters): nobody reads them there.
 const ROOTFS_EXCLUDES: [&str; 3] = [
     "/usr/share/man/*",
@@ -180,6 +193,23 @@ fn lay_out_overlay(overlay: &Path, deb: &Path, driver: &Path, kernel: &vm::Kerne
     place(deb, "root/kalive.deb")?;
     place(driver, DRIVER)?;
     place(&kernel.config, &format!("boot/config-{}", kernel.release))?;
+    // The modules, where the driver finds them by the list it reads.
+    let modules = kernel
+        .config
+        .parent()
+        .and_then(Path::parent)
+        .map(|root| root.join("lib/modules").join(&kernel.release))
+        .context("the kernel's package has no lib/modules")?;
+    let mut list = String::new();
+    for module in GUEST_MODULES {
+        let destination = format!(
+            "root/modules/{}",
+            module.rsplit('/').next().unwrap_or(module)
+        );
+        place(&modules.join(module), &destination)?;
+        list.push_str(&format!("/{destination}\n"));
+    }
+    fs::write(overlay.join("root/modules/load-order"), list)?;
     symlink("/lib/systemd/systemd", overlay.join("init"))?;
 
     let units = overlay.join("etc/systemd/system");

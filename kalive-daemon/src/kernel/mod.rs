@@ -7,6 +7,7 @@ pub mod decode;
 pub mod ebpf_log;
 pub mod errno;
 pub mod hz;
+pub mod ipvs;
 pub mod kallsyms;
 pub mod loader;
 pub mod netns;

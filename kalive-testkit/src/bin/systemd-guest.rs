@@ -1,6 +1,7 @@
 //! The test driver of `cargo xtask systemd-test`: a service of its own in a Debian 12 guest that
 //! boots systemd, where it does what an operator does with the package, step by step:
 //!
+//! 0. loads TCP's sock_diag handler and IPVS (modules of the kernel's package);
 //! 1. `apt-get install ./kalive.deb`: the unit is enabled and becomes active (Type=notify);
 //! 2. scrapes /metrics on 127.0.0.1:9977;
 //! 3. two dead peers, `systemctl restart kalive` in the middle of the first: the journal has a
@@ -9,7 +10,9 @@
 //! 4. `systemctl stop kalive`: a clean stop (SIGTERM, exit 0) with the journal's stop lines;
 //! 5. bad arguments in /etc/default/kalive: the unit fails at once (no restart loop) with the
 //!    reason in the journal, and starts again once they are fixed;
-//! 6. `apt-get remove kalive`: nothing of kalive runs or is mounted.
+//! 6. with IPVS's TCP timeout set to 900 s (`ipvsadm --set`, as kube-proxy does), the audit holds
+//!    a 1,000 s keepalive to it and flags it;
+//! 7. `apt-get remove kalive`: nothing of kalive runs or is mounted.
 //!
 //! Each step prints one line on the serial console (/dev/ttyS0), which the host reads:
 //!
@@ -112,12 +115,14 @@ fn main() {
 type Step = fn() -> Result<String, String>;
 
 fn run() -> Result<(), String> {
-    let steps: [(&str, Step); 6] = [
+    let steps: [(&str, Step); 8] = [
+        ("modules", load_modules),
         ("install", install),
         ("scrape", scrape),
         ("dead_peers_across_a_restart", dead_peers_across_a_restart),
         ("stop", stop),
         ("bad_arguments", bad_arguments),
+        ("ipvs_timeout", ipvs_timeout),
         ("remove", remove),
     ];
     for (name, step) in steps {
@@ -419,6 +424,70 @@ fn bad_arguments() -> Result<String, String> {
         "failed at once with the reason in the journal, NRestarts=0; fixed, active again in \
          {took:.1?}"
     ))
+}
+
+/// Loads the modules the host side placed (the guest has no module tree to load them on demand):
+/// TCP's sock_diag handler and IPVS.
+fn load_modules() -> Result<String, String> {
+    let order = std::fs::read_to_string("/root/modules/load-order")
+        .map_err(|err| format!("no module list: {err}"))?;
+    let mut loaded = Vec::new();
+    for module in order.lines().filter(|line| !line.is_empty()) {
+        command("insmod", &[module])?;
+        loaded.push(module.rsplit('/').next().unwrap_or(module).to_owned());
+    }
+    Ok(format!("loaded {}", loaded.join(", ")))
+}
+
+/// kube-proxy's IPVS mode on this host: its TCP timeout set to 900 s (as `--ipvs-tcp-timeout`
+/// does); the audit holds a connection whose keepalive waits 1,000 s to that, not to the 2 h
+/// given, and flags it. `ipvsadm -L --timeout` confirms the setting.
+fn ipvs_timeout() -> Result<String, String> {
+    command("ipvsadm", &["--set", "900", "120", "300"])?;
+    let shown = command("ipvsadm", &["-L", "--timeout"])?;
+    if !shown.contains("900 120 300") {
+        return Err(format!("ipvsadm does not show the timeouts set: {shown}"));
+    }
+    let listener = listen("127.0.0.1:0");
+    let (client, _server) = connected_pair(&listener);
+    enable_keepalive(
+        &client,
+        Some(Keepalive {
+            idle_s: 1000,
+            interval_s: 10,
+            count: 3,
+        }),
+    );
+    let port = local_port(&client);
+    let report = command(
+        "kalive-daemon",
+        &[
+            "audit",
+            "--json",
+            "--no-daemon",
+            "--middlebox-idle-timeout",
+            "2h",
+        ],
+    )?;
+    let report: serde_json::Value =
+        serde_json::from_str(&report).map_err(|err| format!("audit JSON: {err}"))?;
+    let local = format!("127.0.0.1:{port}");
+    let connection = report["connections"]
+        .as_array()
+        .and_then(|all| all.iter().find(|c| c["local"] == local.as_str()))
+        .ok_or_else(|| format!("the audit lists no connection from {local}"))?;
+    let limit = &connection["idle_limit"];
+    if limit["seconds"] != 900
+        || !limit["from"]
+            .as_str()
+            .is_some_and(|from| from.contains("IPVS"))
+        || connection["risk"]["verdict"] != "at_risk"
+    {
+        return Err(format!(
+            "the audit did not hold it to IPVS's 900 s: {connection}"
+        ));
+    }
+    Ok("timeout 900 s set; the audit holds a 1,000 s keepalive to it".to_owned())
 }
 
 fn remove() -> Result<String, String> {

@@ -142,14 +142,33 @@ pub(crate) fn audit(args: &AuditArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The host's own idle limit for a namespace: its connection tracking, when loaded.
-fn host_limit(settings: Option<&NamespaceSettings>) -> Option<IdleLimit> {
-    settings?
-        .conntrack_established_seconds
+/// The host's own idle limit for a connection in namespace `settings`: the shortest of its
+/// connection tracking timeout and the IPVS TCP timeouts of its namespace and of the host's
+/// (kube-proxy's IPVS runs there). IPVS holds only connections to its virtual services to its
+/// timeout; applied to all, it errs on the side of a warning.
+fn host_limit(
+    settings: Option<&NamespaceSettings>,
+    host: Option<&NamespaceSettings>,
+) -> Option<IdleLimit> {
+    let conntrack = settings
+        .and_then(|s| s.conntrack_established_seconds)
         .map(|seconds| IdleLimit {
             seconds,
             from: "net.netfilter.nf_conntrack_tcp_timeout_established".to_owned(),
-        })
+        });
+    let ipvs = [settings, host]
+        .into_iter()
+        .flatten()
+        .filter_map(|s| s.ipvs_tcp_timeout_seconds)
+        .min()
+        .map(|seconds| IdleLimit {
+            seconds,
+            from: "IPVS TCP timeout (kube-proxy --ipvs-tcp-timeout, ipvsadm --set)".to_owned(),
+        });
+    [conntrack, ipvs]
+        .into_iter()
+        .flatten()
+        .min_by_key(|limit| limit.seconds)
 }
 
 fn judge(taken: &Inventory, rules: &MiddleboxRules) -> Report {
@@ -171,10 +190,14 @@ fn judge(taken: &Inventory, rules: &MiddleboxRules) -> Report {
             let peer =
                 settings_by_id.get(&(connection.netns, connection.remote(), connection.local()));
             let configured = rules.limit_for(connection.local(), connection.remote());
+            let host = taken
+                .own_netns
+                .and_then(|netns| taken.namespaces.get(&netns));
             judge_one(
                 connection,
                 peer,
                 taken.namespaces.get(&connection.netns),
+                host,
                 configured,
             )
         })
@@ -193,9 +216,10 @@ fn judge_one(
     connection: &Connection,
     peer: Option<&KeepaliveSettings>,
     namespace: Option<&NamespaceSettings>,
+    host: Option<&NamespaceSettings>,
     configured: Option<&IdleLimit>,
 ) -> ConnectionJson {
-    let limit = advisor::effective_limit(configured.cloned(), host_limit(namespace));
+    let limit = advisor::effective_limit(configured.cloned(), host_limit(namespace, host));
     let settings = connection.keepalive.as_ref().ok();
     let namespace_keepalive = namespace
         .and_then(|settings| settings.keepalive)
