@@ -416,21 +416,34 @@ pub fn verify(shared: &Shared, run: &KernelRun, timeout: Duration) -> Result<Ver
         // Nothing must arrive: give late events a moment to show up anyway.
         std::thread::sleep(Duration::from_millis(500));
     }
-    let collected = shared.lock();
-    let ended = ended_in(&collected.table, run.netns);
     if !complete {
+        let seen = ended_in(&shared.lock().table, run.netns).len();
         return Err(Mismatch(format!(
-            "kalive saw {} of {wanted} connection ends within {timeout:?}",
-            ended.len()
+            "kalive saw {seen} of {wanted} connection ends within {timeout:?}"
         )));
     }
-    compare(
-        run,
-        &collected.table.totals(run.netns),
-        &ended,
-        &collected.table,
-    )
+    // The daemon counts the probes no program saw once a second, from the kernel's count a
+    // round earlier: give that comparison time to catch up before a difference counts.
+    let deadline = Instant::now() + UNSEEN_CATCH_UP;
+    loop {
+        let collected = shared.lock();
+        let ended = ended_in(&collected.table, run.netns);
+        let result = compare(
+            run,
+            &collected.table.totals(run.netns),
+            &ended,
+            &collected.table,
+        );
+        drop(collected);
+        if result.is_ok() || Instant::now() >= deadline {
+            return result;
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
 }
+
+/// How long `verify` waits for the count of probes no program saw to catch up.
+const UNSEEN_CATCH_UP: Duration = Duration::from_secs(3);
 
 /// Ended connections of one namespace, oldest first.
 pub fn ended_in(table: &ConnectionTable, netns: u32) -> Vec<EndedConnection> {
@@ -450,9 +463,15 @@ fn compare(
     table: &ConnectionTable,
 ) -> Result<Verified, Mismatch> {
     let kernel = run.kernel;
-    if totals.probes_sent != kernel.keepalive_probes {
+    // A keepalive run the kernel hands to no BPF program (docs/testing.md: on the CI host, runs
+    // on top of one thread of its PID 1) is counted unseen, not seen: seen + unseen is exact,
+    // and unseen stays within the bound assert_probes_accounted allows.
+    let unseen = totals.probes_unseen;
+    if totals.probes_sent + unseen != kernel.keepalive_probes
+        || unseen > 2 + kernel.keepalive_probes / 100
+    {
         return Err(Mismatch(format!(
-            "probes sent: kalive {} vs kernel TCPKeepAlive {}",
+            "probes sent: kalive {} seen + {unseen} unseen vs kernel TCPKeepAlive {}",
             totals.probes_sent, kernel.keepalive_probes
         )));
     }
@@ -535,10 +554,11 @@ fn compare(
                 errno_name(want.error),
             );
         }
-        if conn.probes_sent != want.probes {
+        // Exact without unseen runs; else short of the truth by at most the unseen ones.
+        if conn.probes_sent > want.probes || want.probes - conn.probes_sent > unseen {
             return mismatch(
                 "probes sent",
-                conn.probes_sent.to_string(),
+                format!("{} (+{unseen} unseen in the namespace)", conn.probes_sent),
                 want.probes.to_string(),
             );
         }
@@ -560,10 +580,11 @@ fn compare(
                 want.remote.to_string(),
             );
         }
-        if conn.probes_answered != want.answered {
+        // A probe sent in an unseen run has no answer kalive waits for.
+        if conn.probes_answered > want.answered || want.answered - conn.probes_answered > unseen {
             return mismatch(
                 "probes answered",
-                conn.probes_answered.to_string(),
+                format!("{} (+{unseen} unseen probes)", conn.probes_answered),
                 want.answered.to_string(),
             );
         }
