@@ -139,7 +139,8 @@ impl Slots {
             .map(|(_, id)| id)
     }
 
-    pub fn open_connections(&self) -> usize {
+    #[cfg(test)]
+    fn open_connections(&self) -> usize {
         self.lock().by_id.len()
     }
 }

@@ -19,6 +19,13 @@ pub struct Capability {
     pub used_for: &'static str,
 }
 
+impl Capability {
+    /// Its name as setpriv spells it: CAP_SYS_ADMIN -> sys_admin.
+    pub fn setpriv_name(&self) -> String {
+        self.name.trim_start_matches("CAP_").to_ascii_lowercase()
+    }
+}
+
 /// Every capability kalive uses: the two it cannot start without, then those a part of its
 /// work needs (each found by running without it; see docs/testing.md).
 pub const CAPABILITIES: [Capability; 6] = [

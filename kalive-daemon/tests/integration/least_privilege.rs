@@ -11,7 +11,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use kalive_daemon::kernel::privileges::CAPABILITIES;
+use kalive_daemon::kernel::privileges::{Capability, CAPABILITIES};
 use kalive_testkit::{
     daemon::{metric_sum, DaemonProcess},
     netns::Netns,
@@ -70,16 +70,8 @@ impl Drop for SharedBinary {
     }
 }
 
-/// setpriv's name of a capability: CAP_SYS_ADMIN -> sys_admin.
-fn setpriv_name(name: &str) -> String {
-    name.trim_start_matches("CAP_").to_ascii_lowercase()
-}
-
 fn every_capability() -> Vec<String> {
-    CAPABILITIES
-        .iter()
-        .map(|capability| setpriv_name(capability.name))
-        .collect()
+    CAPABILITIES.iter().map(Capability::setpriv_name).collect()
 }
 
 fn text(output: &Output) -> String {
@@ -232,7 +224,7 @@ fn check_names_each_capability_the_process_lacks() {
     let report = text(&output);
     assert_eq!(output.status.code(), Some(0), "{report}");
     for capability in &CAPABILITIES {
-        let expected = if granted.contains(&setpriv_name(capability.name).as_str()) {
+        let expected = if granted.contains(&capability.setpriv_name().as_str()) {
             "ok"
         } else {
             "warn"

@@ -176,8 +176,8 @@ fn check_capabilities(report: &mut Report) -> bool {
                      AmbientCapabilities={}; by hand: setpriv --inh-caps +{} --ambient-caps +{})",
                     capability.used_for,
                     capability.name,
-                    setpriv_name(capability.name),
-                    setpriv_name(capability.name),
+                    capability.setpriv_name(),
+                    capability.setpriv_name(),
                 ),
             );
         } else {
@@ -192,11 +192,6 @@ fn check_capabilities(report: &mut Report) -> bool {
         }
     }
     privileges::missing_required().is_empty()
-}
-
-/// `CAP_SYS_ADMIN` -> `sys_admin`, as setpriv spells it.
-fn setpriv_name(name: &str) -> String {
-    name.trim_start_matches("CAP_").to_ascii_lowercase()
 }
 
 /// Loads and attaches the programs in each hook mode in turn (removing them again), and says
