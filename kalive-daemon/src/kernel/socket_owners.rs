@@ -16,7 +16,7 @@ use std::{
 use crate::advisor::KeepaliveSettings;
 
 /// A process that holds a socket.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct SocketOwner {
     pub pid: u32,
     /// The descriptor number in that process.

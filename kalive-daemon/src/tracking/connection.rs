@@ -2,6 +2,8 @@
 
 use std::{net::SocketAddr, ops::RangeInclusive, time::Duration};
 
+use serde::{Deserialize, Serialize};
+
 use crate::{
     kernel::socket_owners::SocketOwner,
     tracking::{
@@ -12,7 +14,7 @@ use crate::{
 };
 
 /// A socket's effective keepalive settings.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KeepaliveSettings {
     pub idle: Duration,
     pub interval: Duration,
@@ -50,7 +52,7 @@ pub fn service_port(direction: Direction, local: SocketAddr, remote: SocketAddr)
 }
 
 /// One tracked keepalive connection.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Connection {
     /// kalive's own sequential id (kernel addresses are never shown).
     pub id: u64,
@@ -188,7 +190,7 @@ impl Connection {
 }
 
 /// A connection that ended, with how.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct EndedConnection {
     pub connection: Connection,
     pub outcome: PeerState,
@@ -202,7 +204,7 @@ pub struct EndedConnection {
 }
 
 /// A peer-state change of a live connection (alive -> probing 1/3 -> probing 2/3, -> rebooted).
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct PeerStateChange {
     /// The connection after the change (its `peer_state` is the new state).
     pub connection: Connection,

@@ -3,17 +3,19 @@
 
 use std::collections::VecDeque;
 
-use crate::tracking::connection::{EndedConnection, PeerStateChange};
+use serde::{Deserialize, Serialize};
+
+use crate::tracking::connection::{Connection, EndedConnection, PeerStateChange};
 
 /// What one history entry records.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum Change {
     PeerState(PeerStateChange),
     Ended(EndedConnection),
 }
 
 /// One entry of the history; `seq` grows by one per entry.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct HistoryEntry {
     pub seq: u64,
     pub change: Change,
@@ -56,13 +58,31 @@ impl History {
             Change::Ended(_) => &mut self.ended,
             Change::PeerState(_) => &mut self.changes,
         };
-        if self.limit == 0 {
-            return;
-        }
-        if queue.len() >= self.limit {
-            queue.pop_front();
-        }
         queue.push_back(HistoryEntry { seq, change });
+        keep_newest(queue, self.limit);
+    }
+
+    /// What the history holds, without its limit (a restarted daemon applies its own).
+    pub fn snapshot(&self) -> HistorySnapshot {
+        HistorySnapshot {
+            ended: self.ended.clone(),
+            changes: self.changes.clone(),
+            next_seq: self.next_seq,
+        }
+    }
+
+    /// The history `saved` held, bounded by `limit`: the oldest entries of each kind past it
+    /// are dropped, as `record` drops them. Numbering carries on from where it stopped.
+    pub fn restore(saved: HistorySnapshot, limit: usize) -> History {
+        let mut history = History {
+            ended: saved.ended,
+            changes: saved.changes,
+            limit,
+            next_seq: saved.next_seq,
+        };
+        keep_newest(&mut history.ended, limit);
+        keep_newest(&mut history.changes, limit);
+        history
     }
 
     /// Entries with `seq` above `since`, newest first.
@@ -96,6 +116,62 @@ impl History {
             .filter_map(|entry| match &entry.change {
                 Change::Ended(ended) => Some(ended),
                 Change::PeerState(_) => None,
+            })
+    }
+}
+
+/// Drops the oldest entries of `queue` past `limit`.
+fn keep_newest(queue: &mut VecDeque<HistoryEntry>, limit: usize) {
+    let excess = queue.len().saturating_sub(limit);
+    queue.drain(..excess);
+}
+
+/// The entries and numbering of a history, saved across a daemon restart
+/// (`History::snapshot`, `History::restore`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct HistorySnapshot {
+    /// Ended connections, oldest first.
+    ended: VecDeque<HistoryEntry>,
+    /// Peer-state changes, oldest first.
+    changes: VecDeque<HistoryEntry>,
+    /// The `seq` the next entry gets.
+    next_seq: u64,
+}
+
+impl HistorySnapshot {
+    /// Checks that these entries can be a history's, as `record` leaves them: each queue holds
+    /// its own kind, numbered upwards and below `next_seq`. The error says what is wrong.
+    pub fn check(&self) -> Result<(), &'static str> {
+        let ended = self
+            .ended
+            .iter()
+            .all(|entry| matches!(entry.change, Change::Ended(_)));
+        let changes = self
+            .changes
+            .iter()
+            .all(|entry| matches!(entry.change, Change::PeerState(_)));
+        if !ended || !changes {
+            return Err("a history entry is in the other kind's queue");
+        }
+        let numbered = |queue: &VecDeque<HistoryEntry>| {
+            let seqs: Vec<u64> = queue.iter().map(|entry| entry.seq).collect();
+            seqs.windows(2).all(|pair| pair[0] < pair[1])
+                && seqs.last().is_none_or(|&last| last < self.next_seq)
+        };
+        if !numbered(&self.ended) || !numbered(&self.changes) {
+            return Err("history entries are not numbered upwards below the next number");
+        }
+        Ok(())
+    }
+
+    /// Every connection the entries record.
+    pub fn connections(&self) -> impl Iterator<Item = &Connection> {
+        self.ended
+            .iter()
+            .chain(&self.changes)
+            .map(|entry| match &entry.change {
+                Change::PeerState(change) => &change.connection,
+                Change::Ended(ended) => &ended.connection,
             })
     }
 }

@@ -3,10 +3,12 @@
 
 use std::fmt;
 
+use serde::{Deserialize, Serialize};
+
 use crate::wire::PeerStateKind;
 
 /// The peer of one keepalive connection, as far as keepalive can tell.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum PeerState {
     /// Probes are answered (or none was needed yet, or the one outstanding is not overdue).
     Alive,
@@ -74,7 +76,7 @@ pub fn live_state(overdue: u32, probe_limit: u32) -> PeerState {
 
 /// The kernel timer that gave up on a connection (tcp_write_err; each one is counted in TcpExt
 /// `TCPAbortOnTimeout`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub enum TimeoutTimer {
     /// tcp_keepalive_timer: the probes went unanswered.
     Keepalive,
@@ -125,7 +127,7 @@ pub struct Ending {
 
 /// The observation that decided an outcome, so a report can say why (and older kernels, which
 /// lack some signals, can be told apart from newer ones).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum Signal {
     /// An RST arrived while a probe was outstanding, or inside the timer run that sent it.
     ResetDuringProbe,

@@ -12,6 +12,7 @@
 use std::time::Duration;
 
 use kalive_common::{event_flag, KernelEvent};
+use serde::{Deserialize, Serialize};
 
 use crate::tracking::connection::KeepaliveSettings;
 
@@ -69,7 +70,7 @@ pub fn run_probes(event: &KernelEvent, hz: u32) -> RunProbes {
 }
 
 /// A probe waiting for its answer.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Awaiting {
     /// When it was sent (CLOCK_BOOTTIME ns).
     pub sent_ns: u64,

@@ -22,6 +22,7 @@ use crate::{
         history::{Change, History},
         peer_state::{decide, live_state, Ending, PeerState, Signal, TimeoutTimer},
         probe_rules::{answer_grace, answered, counter_reset, run_probes, Awaiting},
+        snapshot::{Contents, TableSnapshot, FORMAT},
         totals::{Count, Origin, Tally, Totals},
     },
     wire::Direction,
@@ -154,6 +155,41 @@ impl ConnectionTable {
             checks: BTreeSet::new(),
             middlebox: MiddleboxRules::default(),
             adopted: HashMap::new(),
+        }
+    }
+
+    /// What the table holds, to restore after a daemon restart (`tracking::snapshot`): all but
+    /// the kernel units and the middlebox rules.
+    pub fn snapshot(&self) -> TableSnapshot {
+        TableSnapshot(Contents {
+            format: FORMAT,
+            live: self.live.clone(),
+            history: self.history.snapshot(),
+            totals: self.totals.clone(),
+            next_id: self.next_id,
+            checks: self.checks.clone(),
+            adopted: self.adopted.clone(),
+        })
+    }
+
+    /// The table `snapshot` was taken of, with this process's kernel units, history limit (the
+    /// oldest entries past it dropped) and middlebox rules.
+    pub fn restore(
+        snapshot: TableSnapshot,
+        units: KernelUnits,
+        history_limit: usize,
+        middlebox: MiddleboxRules,
+    ) -> ConnectionTable {
+        let TableSnapshot(saved) = snapshot;
+        ConnectionTable {
+            units,
+            live: saved.live,
+            history: History::restore(saved.history, history_limit),
+            totals: saved.totals,
+            next_id: saved.next_id,
+            checks: saved.checks,
+            middlebox,
+            adopted: saved.adopted,
         }
     }
 

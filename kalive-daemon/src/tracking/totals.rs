@@ -3,12 +3,14 @@
 
 use std::{collections::BTreeMap, net::IpAddr, time::Duration};
 
+use serde::{Deserialize, Deserializer, Serialize};
+
 use crate::{
     tracking::{
         connection::Connection,
         peer_state::{PeerState, TimeoutTimer},
     },
-    wire::Direction,
+    wire::{Direction, PeerStateKind},
 };
 
 /// The connection a count belongs to, for the per-namespace totals and the metrics' labels.
@@ -73,8 +75,8 @@ pub struct Tally {
     pub count: Count,
 }
 
-/// Running totals of one network namespace.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+/// Running totals of one network namespace (serde: a restarted daemon carries them on).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Totals {
     pub probes_sent: u64,
     pub probes_answered: u64,
@@ -86,12 +88,14 @@ pub struct Totals {
     pub keepalive_timeouts: u64,
     /// Connections any timer gave up on (keepalive included), by timer name: together they
     /// are what TcpExt TCPAbortOnTimeout counts.
+    #[serde(deserialize_with = "timer_counts")]
     pub timeouts: BTreeMap<&'static str, u64>,
     pub resets_received: u64,
     pub resets_received_during_probe: u64,
     /// RSTs sent, by enum sk_rst_reason name ("unknown" when the kernel has no reason).
     pub resets_sent: BTreeMap<String, u64>,
     /// Ended connections by outcome name.
+    #[serde(deserialize_with = "outcome_counts")]
     pub outcomes: BTreeMap<&'static str, u64>,
     /// Of those, the ones that ended after sitting idle past the middlebox idle limit.
     pub idle_killed: u64,
@@ -152,5 +156,81 @@ impl Totals {
         for (timer, n) in &other.timeouts {
             *self.timeouts.entry(timer).or_default() += n;
         }
+    }
+}
+
+/// Reads `Totals::timeouts`: counts by `TimeoutTimer::name`.
+fn timer_counts<'de, D: Deserializer<'de>>(
+    deserializer: D,
+) -> Result<BTreeMap<&'static str, u64>, D::Error> {
+    let names = TimeoutTimer::ALL.map(TimeoutTimer::name);
+    named_counts(deserializer, &names, "a timer")
+}
+
+/// Reads `Totals::outcomes`: counts by `PeerState::name` (a `PeerStateKind`'s name).
+fn outcome_counts<'de, D: Deserializer<'de>>(
+    deserializer: D,
+) -> Result<BTreeMap<&'static str, u64>, D::Error> {
+    let names = PeerStateKind::ALL.map(PeerStateKind::name);
+    named_counts(deserializer, &names, "an outcome")
+}
+
+/// Reads counts by name, each name one of `names` (the static names the counts are kept by);
+/// any other is an error that says it is not `what` name ("a timer").
+fn named_counts<'de, D: Deserializer<'de>>(
+    deserializer: D,
+    names: &[&'static str],
+    what: &str,
+) -> Result<BTreeMap<&'static str, u64>, D::Error> {
+    let read = BTreeMap::<String, u64>::deserialize(deserializer)?;
+    read.into_iter()
+        .map(
+            |(name, count)| match names.iter().find(|known| **known == name) {
+                Some(known) => Ok((*known, count)),
+                None => Err(serde::de::Error::custom(format_args!(
+                    "{name:?} is not {what} name (one of {})",
+                    names.join(", ")
+                ))),
+            },
+        )
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn totals_read_back_with_their_static_names_and_unknown_names_are_errors() {
+        let mut totals = Totals::default();
+        for timer in TimeoutTimer::ALL {
+            totals.add(&Count::Timeout { timer });
+        }
+        for outcome in [PeerState::Dead, PeerState::Reset, PeerState::Closed] {
+            totals.add(&Count::Ended {
+                outcome,
+                probes_sent: 1,
+                detection: None,
+            });
+        }
+        let bytes = postcard::to_allocvec(&totals).expect("postcard");
+        assert_eq!(postcard::from_bytes::<Totals>(&bytes), Ok(totals.clone()));
+        let json = serde_json::to_string(&totals).expect("json");
+        assert_eq!(serde_json::from_str::<Totals>(&json).ok(), Some(totals));
+
+        let unknown = json.replace("\"zero_window\"", "\"snooze\"");
+        let error = serde_json::from_str::<Totals>(&unknown).expect_err("unknown timer");
+        assert!(
+            error.to_string().contains("\"snooze\" is not a timer name"),
+            "{error}"
+        );
+        let unknown = json.replace("\"closed\"", "\"napping\"");
+        let error = serde_json::from_str::<Totals>(&unknown).expect_err("unknown outcome");
+        assert!(
+            error
+                .to_string()
+                .contains("\"napping\" is not an outcome name"),
+            "{error}"
+        );
     }
 }

@@ -19,8 +19,10 @@
 
 use std::collections::BTreeMap;
 
+use serde::{Deserialize, Serialize};
+
 /// One namespace's running comparison.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 struct Ledger {
     /// The kernel's and kalive's counts when the namespace was first compared.
     kernel_base: u64,
@@ -43,8 +45,8 @@ impl Ledger {
     }
 }
 
-/// The comparisons of every namespace.
-#[derive(Clone, Debug, Default)]
+/// The comparisons of every namespace (serde: a restarted daemon carries them on).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UnseenProbes {
     namespaces: BTreeMap<u32, Ledger>,
 }
@@ -130,6 +132,22 @@ mod tests {
         assert_eq!(ledger.compare(9, 29, 30, true), 0);
         assert_eq!(ledger.compare(9, 29, 30, true), 1);
         assert_eq!(ledger.compare(9, 29, 30, true), 0);
+    }
+
+    #[test]
+    fn the_comparisons_carry_on_after_a_round_trip() {
+        let mut ledger = UnseenProbes::new();
+        assert_eq!(ledger.compare(7, 40, 100, false), 0);
+        assert_eq!(ledger.compare(8, 0, 5, true), 0);
+        assert_eq!(ledger.compare(7, 48, 110, false), 0);
+        let bytes = postcard::to_allocvec(&ledger).expect("postcard");
+        let mut restored: UnseenProbes = postcard::from_bytes(&bytes).expect("round trip");
+        assert_eq!(restored, ledger);
+        for ledger in [&mut ledger, &mut restored] {
+            assert_eq!(ledger.compare(7, 48, 110, false), 2);
+            assert_eq!(ledger.compare(8, 4, 5, true), 1);
+        }
+        assert_eq!(restored, ledger);
     }
 
     #[test]
