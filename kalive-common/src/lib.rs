@@ -37,6 +37,22 @@ pub mod names {
     pub const PROG_TP_ERROR_REPORT: &str = "inet_sk_error_report";
     pub const PROG_TP_SET_STATE: &str = "inet_sock_set_state";
     pub const PROG_TP_DESTROY_SOCK: &str = "tcp_destroy_sock";
+
+    /// Every program kalive can attach.
+    pub const ALL_PROGRAMS: [&str; 12] = [
+        PROG_FENTRY_TIMER,
+        PROG_FEXIT_TIMER,
+        PROG_KPROBE_TIMER,
+        PROG_KRETPROBE_TIMER,
+        PROG_TP_TIMER_ENTRY,
+        PROG_TP_TIMER_EXIT,
+        PROG_TP_SEND_RESET_WITH_REASON,
+        PROG_TP_SEND_RESET,
+        PROG_TP_RECEIVE_RESET,
+        PROG_TP_ERROR_REPORT,
+        PROG_TP_SET_STATE,
+        PROG_TP_DESTROY_SOCK,
+    ];
 }
 
 /// Bounds of the kernel maps.

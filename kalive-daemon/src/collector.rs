@@ -3,15 +3,16 @@
 //! outcome. What it collects (`Collected`) is shared with the HTTP server behind one lock.
 
 use std::{
-    collections::{BTreeSet, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap},
     fmt,
-    os::fd::AsRawFd,
+    os::fd::{AsFd as _, AsRawFd, OwnedFd},
+    path::PathBuf,
     sync::{Arc, Mutex, MutexGuard},
     time::{Duration, Instant},
 };
 
 use aya::{
-    maps::{HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuHashMap, RingBuf},
+    maps::{HashMap as BpfHashMap, Map, MapData, MapError, PerCpuArray, PerCpuHashMap, RingBuf},
     Ebpf,
 };
 use kalive_common::{drop_reason, loss_stage, names, ResetKey, TrackedConn};
@@ -29,12 +30,20 @@ use crate::{
     kernel::{
         decode::decode,
         ebpf_log::{self, EbpfLogLevel},
-        loader::{load_and_attach, AttachError, HookMode, LoadError, LoadOptions},
+        handover::{
+            self, KernelObjects, Received, Resume, Resumed, SavedLoad, SavedResetCount, SavedState,
+            HANDED_MAPS,
+        },
+        loader::{
+            kernel_units, load_and_attach, programs_object_hash, AttachError, HookMode, LoadError,
+            LoadOptions,
+        },
         netns::NetnsDirectory,
         netstat,
         procfs::{boot_time_ns, kernel_release, process_start_boot_ns},
-        program_stats::ProgramHandles,
+        program_stats::{program_id, ProgramHandles},
         sock_diag::{SockDiag, SocketId, TimerKind},
+        units::KernelUnits,
     },
     tracking::{
         table::{AnswerCheck, Applied, CheckResult, ConnectionTable},
@@ -127,7 +136,7 @@ pub struct CollectorStats {
     /// Kernel-side losses, indexed by `kalive_common::drop_reason`.
     pub kernel_drops: [u64; drop_reason::COUNT as usize],
     /// Runs of each kalive program the kernel skipped (its recursion_misses at the last read).
-    pub programs_skipped: std::collections::BTreeMap<&'static str, u64>,
+    pub programs_skipped: BTreeMap<&'static str, u64>,
     /// Reading a program's statistics failed once (logged once).
     pub program_stats_failed: bool,
 }
@@ -170,13 +179,15 @@ pub enum CollectorError {
     Map {
         name: &'static str,
         #[source]
-        source: aya::maps::MapError,
+        source: MapError,
     },
     #[error(
         "watching the ring buffer failed: {0}; restart kalive-daemon (if it repeats, report it \
          with the kernel version)"
     )]
     Poll(#[source] std::io::Error),
+    #[error("duplicating a map's descriptor failed: {0}; check the open-file limit (ulimit -n)")]
+    Duplicate(#[source] std::io::Error),
     #[error("setting up the metrics failed: {0}")]
     Metrics(#[from] prometheus::Error),
     #[error("reading the kernel programs' log (--ebpf-log) failed: {0}; run without --ebpf-log")]
@@ -206,68 +217,140 @@ pub struct CollectorOptions {
     /// Adopt the keepalive connections older than the daemon (an inventory at start, then every
     /// ADOPT_RESCAN), rather than wait for their first keepalive run.
     pub adopt_existing: bool,
+    /// At a clean stop, hand the kernel programs and the state to the file descriptor store
+    /// behind this notification socket (the service manager's NOTIFY_SOCKET, for `run`) for
+    /// the next daemon; see kernel::handover.
+    pub hand_over_to: Option<PathBuf>,
 }
 
-/// A running collector. Dropping it detaches the programs.
+/// A running collector. Dropping it detaches the programs (unless they were handed over).
 pub struct Collector {
     pub shared: Shared,
     pub mode: HookMode,
     pub rejected_modes: Vec<(HookMode, AttachError)>,
-    task: JoinHandle<Result<(), CollectorError>>,
-    _ebpf: Ebpf,
+    /// This daemon resumed from what a previous one handed over.
+    pub resumed: bool,
+    task: JoinHandle<Result<Kernel, CollectorError>>,
+    handover: Handover,
+    /// The programs as aya loaded them (None when a previous daemon loaded them).
+    _ebpf: Option<Ebpf>,
+}
+
+/// What the next daemon is handed at a clean stop under a service manager.
+struct Handover {
+    objects: KernelObjects,
+    load: SavedLoad,
+    /// Where to hand over; None when this kernel's links cannot be found to hand over, or no
+    /// handover is wanted (the next start is clean).
+    to: Option<PathBuf>,
+}
+
+/// The kernel side, attached by this process or resumed from a previous one.
+struct Attached {
+    ebpf: Option<Ebpf>,
+    maps: BTreeMap<&'static str, MapData>,
+    objects: KernelObjects,
+    mode: HookMode,
+    rejected: Vec<(HookMode, AttachError)>,
+    units: KernelUnits,
+    saved: Option<SavedState>,
+    handover_possible: bool,
 }
 
 impl Collector {
-    /// Loads, attaches and starts draining. Must run inside a tokio runtime.
+    /// Resumes from what a previous daemon handed over (`received`), or loads and attaches;
+    /// then starts draining. Must run inside a tokio runtime.
     pub fn start(
         options: CollectorOptions,
+        received: Received,
         cancel: CancellationToken,
     ) -> Result<Self, CollectorError> {
-        let loaded = load_and_attach(options.load)?;
+        let attached = match handover::resume(received, &options.load, programs_object_hash()) {
+            Resume::Nothing => attach(options.load)?,
+            Resume::Resumed(resumed) => attach_resumed(*resumed)?,
+            Resume::Refused { why, leftover } => {
+                let attached = attach(options.load)?;
+                log::warn!(
+                    "the kernel programs and state a previous kalive-daemon handed over cannot \
+                     be reused ({why}): started clean, and connections reappear at their next \
+                     keepalive run"
+                );
+                // Closing them detaches the old programs, now that the new ones are attached.
+                drop(leftover);
+                attached
+            }
+        };
         release_freed_memory();
-        let mut ebpf = loaded.ebpf;
-        if options.load.ebpf_log != EbpfLogLevel::Off {
-            ebpf_log::forward(&mut ebpf, cancel.clone()).map_err(CollectorError::EbpfLog)?;
+        let Attached {
+            mut ebpf,
+            mut maps,
+            objects,
+            mode,
+            rejected,
+            units,
+            saved,
+            handover_possible,
+        } = attached;
+        if let Some(ebpf) = ebpf.as_mut() {
+            if options.load.ebpf_log != EbpfLogLevel::Off {
+                ebpf_log::forward(ebpf, cancel.clone()).map_err(CollectorError::EbpfLog)?;
+            }
         }
-        let ring = take_map(&mut ebpf, names::MAP_EVENTS)?;
-        let ring = RingBuf::try_from(ring).map_err(|source| CollectorError::Map {
-            name: names::MAP_EVENTS,
-            source,
-        })?;
-        let drops = take_map(&mut ebpf, names::MAP_DROPS)?;
-        let drops =
-            PerCpuArray::<MapData, u64>::try_from(drops).map_err(|source| CollectorError::Map {
-                name: names::MAP_DROPS,
-                source,
-            })?;
-        let connections = take_map(&mut ebpf, names::MAP_CONNECTIONS)?;
-        let connections =
-            BpfHashMap::<MapData, u64, TrackedConn>::try_from(connections).map_err(|source| {
-                CollectorError::Map {
-                    name: names::MAP_CONNECTIONS,
-                    source,
-                }
-            })?;
-        let untracked_resets = take_map(&mut ebpf, names::MAP_UNTRACKED_RESETS)?;
-        let untracked_resets = PerCpuHashMap::<MapData, ResetKey, u64>::try_from(untracked_resets)
-            .map_err(|source| CollectorError::Map {
-                name: names::MAP_UNTRACKED_RESETS,
-                source,
-            })?;
+        let ring: RingBuf<MapData> = typed_map(&mut maps, names::MAP_EVENTS)?;
+        let drops: PerCpuArray<MapData, u64> = typed_map(&mut maps, names::MAP_DROPS)?;
+        let connections: BpfHashMap<MapData, u64, TrackedConn> =
+            typed_map(&mut maps, names::MAP_CONNECTIONS)?;
+        let untracked_resets: PerCpuHashMap<MapData, ResetKey, u64> =
+            typed_map(&mut maps, names::MAP_UNTRACKED_RESETS)?;
+        let program_names: Vec<&'static str> =
+            objects.programs.iter().map(|(name, _)| *name).collect();
+        let programs = ProgramHandles::from_fds(clone_fds(&objects.programs));
         let metrics = Metrics::new(options.series)?;
         let kernel = kernel_release();
-        metrics.set_hook(loaded.mode.name(), &loaded.programs);
+        metrics.set_hook(mode.name(), &program_names);
         metrics.set_build(env!("CARGO_PKG_VERSION"), &kernel);
-        let shared = Shared::new(Collected {
-            table: {
-                let mut table = ConnectionTable::new(loaded.units, options.history_limit);
-                table.set_middlebox(options.middlebox);
+        let resumed = saved.is_some();
+        let mut stats = CollectorStats::default();
+        let mut reset_counts = HashMap::new();
+        let mut unseen = UnseenCheck::new();
+        let mut table = match saved {
+            None => ConnectionTable::new(units, options.history_limit),
+            Some(saved) => {
+                let table = ConnectionTable::restore(
+                    saved.table,
+                    units,
+                    options.history_limit,
+                    MiddleboxRules::default(),
+                );
+                log::info!(
+                    "resumed from the previous kalive-daemon: {} connection(s); its programs \
+                     stayed attached (hook mode {mode}) and their records since were kept",
+                    table.connection_count()
+                );
+                if saved.kernel_drops.len() == stats.kernel_drops.len() {
+                    stats.kernel_drops.copy_from_slice(&saved.kernel_drops);
+                }
+                for (name, misses) in &saved.programs_skipped {
+                    if let Some(name) = program_names.iter().find(|known| *known == name) {
+                        stats.programs_skipped.insert(name, *misses);
+                    }
+                }
+                reset_counts = saved
+                    .reset_counts
+                    .iter()
+                    .map(|count| (count.key(), count.total))
+                    .collect();
+                unseen.resume(saved.unseen, saved.namespaces_at_attach);
                 table
-            },
-            stats: CollectorStats::default(),
+            }
+        };
+        table.set_middlebox(options.middlebox);
+        let shared = Shared::new(Collected {
+            table,
+            stats,
             metrics,
             health: Health::new(),
-            mode: loaded.mode,
+            mode,
             info: DaemonInfo {
                 version: env!("CARGO_PKG_VERSION").to_owned(),
                 kernel,
@@ -278,7 +361,6 @@ impl Collector {
         // (and with it the RingBuf) is dropped.
         let ring = unsafe { AsyncFd::register(ring) }
             .map_err(|err| CollectorError::Poll(std::io::Error::from(err)))?;
-        let programs = ProgramHandles::new(&ebpf, &loaded.programs);
         if options.adopt_existing {
             tokio::spawn(adopt_periodically(shared.clone(), cancel.clone()));
         }
@@ -290,9 +372,9 @@ impl Collector {
                 connections,
                 max_connections: options.load.max_connections,
                 untracked_resets,
-                reset_counts: HashMap::new(),
+                reset_counts,
                 checks: AnswerChecks::new(options.answer_checks_per_second),
-                unseen: UnseenCheck::new(),
+                unseen,
             },
             shared.clone(),
             cancel,
@@ -300,23 +382,185 @@ impl Collector {
         ));
         Ok(Self {
             shared,
-            mode: loaded.mode,
-            rejected_modes: loaded.rejected,
+            mode,
+            rejected_modes: rejected,
+            resumed,
             task,
+            handover: Handover {
+                objects,
+                load: SavedLoad::new(mode, &options.load),
+                // The kernel programs' log (--ebpf-log) is read through the aya object of the
+                // process that loaded them: a daemon that did not load them cannot forward it.
+                to: options
+                    .hand_over_to
+                    .filter(|_| handover_possible && options.load.ebpf_log == EbpfLogLevel::Off),
+            },
             _ebpf: ebpf,
         })
     }
 
-    /// Waits until the collector stops (after cancellation, or on an error).
+    /// Waits until the collector stops (after cancellation, or on an error). After a clean
+    /// stop under a service manager, hands the kernel programs and the state to it for the
+    /// next daemon.
     pub async fn wait(self) -> Result<(), CollectorError> {
-        let Collector { task, _ebpf, .. } = self;
-        let result = task.await;
+        let Collector {
+            task,
+            _ebpf,
+            handover,
+            shared,
+            ..
+        } = self;
+        let kernel = task.await.map_err(CollectorError::Task)??;
+        if let Some(socket) = &handover.to {
+            let state = saved_state(&shared, &kernel, &handover);
+            let connections = shared.lock().table.connection_count();
+            match handover::hand_over(&handover.objects, &state, socket) {
+                Ok(()) => log::info!(
+                    "handed the kernel programs and {connections} connection(s) to the service \
+                     manager: a restart resumes from them, a stop detaches the programs"
+                ),
+                Err(err) => log::warn!("{err}; the next start is clean"),
+            }
+        }
+        drop(kernel);
         drop(_ebpf);
-        result.map_err(CollectorError::Task)?
+        Ok(())
     }
 }
 
-fn take_map(ebpf: &mut Ebpf, name: &'static str) -> Result<aya::maps::Map, CollectorError> {
+/// What the next daemon resumes from.
+fn saved_state(shared: &Shared, kernel: &Kernel, handover: &Handover) -> SavedState {
+    let collected = shared.lock();
+    SavedState {
+        programs_object: programs_object_hash(),
+        load: handover.load.clone(),
+        programs: handover
+            .objects
+            .programs
+            .iter()
+            .map(|(name, _)| (*name).to_owned())
+            .collect(),
+        table: collected.table.snapshot(),
+        kernel_drops: collected.stats.kernel_drops.to_vec(),
+        reset_counts: kernel
+            .reset_counts
+            .iter()
+            .map(|(key, total)| SavedResetCount::new(key, *total))
+            .collect(),
+        programs_skipped: collected
+            .stats
+            .programs_skipped
+            .iter()
+            .map(|(name, misses)| ((*name).to_owned(), *misses))
+            .collect(),
+        unseen: kernel.unseen.ledger.clone(),
+        namespaces_at_attach: kernel.unseen.at_start.iter().copied().collect(),
+    }
+}
+
+/// Loads and attaches the programs.
+fn attach(options: LoadOptions) -> Result<Attached, CollectorError> {
+    let loaded = load_and_attach(options)?;
+    let mut ebpf = loaded.ebpf;
+    let mut maps = BTreeMap::new();
+    let mut map_fds = Vec::new();
+    for name in HANDED_MAPS {
+        let (Map::RingBuf(data)
+        | Map::HashMap(data)
+        | Map::PerCpuArray(data)
+        | Map::PerCpuHashMap(data)) = take_map(&mut ebpf, name)?
+        else {
+            return Err(CollectorError::MissingMap(name));
+        };
+        let copy = data
+            .fd()
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(CollectorError::Duplicate)?;
+        map_fds.push((name, copy));
+        maps.insert(name, data);
+    }
+    let handles = ProgramHandles::new(&ebpf, &loaded.programs);
+    let program_ids: BTreeSet<u32> = handles
+        .fds()
+        .iter()
+        .filter_map(|(_, fd)| program_id(fd.as_fd()).ok())
+        .collect();
+    let links = handover::links_of(&program_ids);
+    let handover_possible = program_ids.len() == loaded.programs.len()
+        && handles.fds().len() == loaded.programs.len()
+        && links.len() == loaded.programs.len();
+    if !handover_possible {
+        log::info!(
+            "found {} link(s) for {} program(s): this kernel's links cannot be handed over, so a \
+             restart will start clean",
+            links.len(),
+            loaded.programs.len()
+        );
+    }
+    Ok(Attached {
+        ebpf: Some(ebpf),
+        maps,
+        objects: KernelObjects {
+            maps: map_fds,
+            programs: clone_fds(handles.fds()),
+            links,
+        },
+        mode: loaded.mode,
+        rejected: loaded.rejected,
+        units: loaded.units,
+        saved: None,
+        handover_possible,
+    })
+}
+
+/// Takes over the programs, links and maps a previous daemon handed over.
+fn attach_resumed(resumed: Resumed) -> Result<Attached, CollectorError> {
+    let Resumed {
+        maps,
+        objects,
+        mode,
+        state,
+    } = resumed;
+    Ok(Attached {
+        ebpf: None,
+        maps,
+        objects,
+        mode,
+        rejected: Vec::new(),
+        units: kernel_units()?,
+        saved: Some(state),
+        handover_possible: true,
+    })
+}
+
+/// Copies of named descriptors (one that cannot be copied is left out, and logged).
+fn clone_fds(fds: &[(&'static str, OwnedFd)]) -> Vec<(&'static str, OwnedFd)> {
+    fds.iter()
+        .filter_map(|(name, fd)| match fd.try_clone() {
+            Ok(copy) => Some((*name, copy)),
+            Err(err) => {
+                log::warn!("duplicating the descriptor of {name} failed: {err}");
+                None
+            }
+        })
+        .collect()
+}
+
+/// The map `name` as the typed map the drain loop reads.
+fn typed_map<T>(
+    maps: &mut BTreeMap<&'static str, MapData>,
+    name: &'static str,
+) -> Result<T, CollectorError>
+where
+    T: TryFrom<Map, Error = MapError>,
+{
+    let data = maps.remove(name).ok_or(CollectorError::MissingMap(name))?;
+    let map = Map::from_map_data(data).map_err(|source| CollectorError::Map { name, source })?;
+    T::try_from(map).map_err(|source| CollectorError::Map { name, source })
+}
+
+fn take_map(ebpf: &mut Ebpf, name: &'static str) -> Result<Map, CollectorError> {
     ebpf.take_map(name).ok_or(CollectorError::MissingMap(name))
 }
 
@@ -340,10 +584,10 @@ async fn drain_until_stopped(
     shared: Shared,
     cancel: CancellationToken,
     log_probes: bool,
-) -> Result<(), CollectorError> {
+) -> Result<Kernel, CollectorError> {
     let result = drain(kernel, &shared, cancel, log_probes).await;
     shared.lock().health.stopped = Some(match &result {
-        Ok(()) => "kalive-daemon is shutting down".to_owned(),
+        Ok(_) => "kalive-daemon is shutting down".to_owned(),
         Err(err) => err.to_string(),
     });
     result
@@ -351,13 +595,14 @@ async fn drain_until_stopped(
 
 /// The drain loop. The kernel programs wake it only when the ring buffer fills up (a wake-up
 /// per record would cost more than the record), so it also drains on a short timer; each tick
-/// also asks the kernel about probes whose answer is due.
+/// also asks the kernel about probes whose answer is due. Returns the kernel side once
+/// cancelled, for the handover: records written after the last drain stay in the ring buffer.
 async fn drain(
     mut kernel: Kernel,
     shared: &Shared,
     cancel: CancellationToken,
     log_probes: bool,
-) -> Result<(), CollectorError> {
+) -> Result<Kernel, CollectorError> {
     log::debug!(
         "draining ring buffer fd {}",
         kernel.ring.get_ref().as_raw_fd()
@@ -371,7 +616,7 @@ async fn drain(
         tokio::select! {
             () = cancel.cancelled() => {
                 drain_ready(kernel.ring.get_mut(), shared, log_probes);
-                return Ok(());
+                return Ok(kernel);
             }
             guard = kernel.ring.readable_mut() => {
                 let mut guard = guard.map_err(CollectorError::Poll)?;
@@ -501,6 +746,12 @@ impl UnseenCheck {
             last_failure: None,
             reported_unseen: false,
         }
+    }
+
+    /// Continues a previous daemon's comparisons.
+    fn resume(&mut self, ledger: UnseenProbes, namespaces_at_attach: Vec<u32>) {
+        self.ledger = ledger;
+        self.at_start = namespaces_at_attach.into_iter().collect();
     }
 
     /// One comparison in every namespace. The caller has just read every waiting record, so

@@ -11,6 +11,8 @@ use std::{
 pub struct DaemonProcess {
     _child: KillOnDrop,
     pub lines: std::sync::mpsc::Receiver<(std::time::Instant, String)>,
+    /// The log lines up to the one that says where it serves.
+    pub startup: Vec<String>,
     /// Where its HTTP server listens.
     pub http: SocketAddr,
 }
@@ -50,6 +52,7 @@ impl DaemonProcess {
         let mut daemon = DaemonProcess {
             _child: KillOnDrop(child),
             lines,
+            startup: Vec::new(),
             http: SocketAddr::from(([0, 0, 0, 0], 0)),
         };
         loop {
@@ -62,8 +65,10 @@ impl DaemonProcess {
             if let Some(rest) = line.split("serving http://").nth(1) {
                 let address = rest.split('/').next().unwrap_or_default();
                 daemon.http = address.parse().expect("the daemon's HTTP address");
+                daemon.startup.push(line);
                 return daemon;
             }
+            daemon.startup.push(line);
         }
     }
 

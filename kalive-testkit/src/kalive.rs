@@ -6,7 +6,10 @@ use std::time::Duration;
 use kalive_daemon::{
     advisor::MiddleboxRules,
     collector::{Collected, Collector, CollectorOptions, Shared, DEFAULT_ANSWER_CHECKS_PER_SECOND},
-    kernel::loader::{HookMode, LoadOptions},
+    kernel::{
+        handover::Received,
+        loader::{HookMode, LoadOptions},
+    },
     tracking::{
         connection::{Connection, EndedConnection},
         totals::Totals,
@@ -50,7 +53,13 @@ impl Kalive {
     }
 
     pub fn start() -> Kalive {
-        Kalive::start_with(CollectorOptions {
+        Kalive::start_with(Kalive::test_options())
+    }
+
+    /// The options of `start`: the tests' hook mode, a history no test fills, every record
+    /// from the kernel and nothing else (no adoption, no handover).
+    pub fn test_options() -> CollectorOptions {
+        CollectorOptions {
             load: LoadOptions {
                 hook_mode: test_hook_mode(),
                 ..LoadOptions::default()
@@ -61,10 +70,17 @@ impl Kalive {
             series: Default::default(),
             middlebox: MiddleboxRules::default(),
             adopt_existing: false,
-        })
+            hand_over_to: None,
+        }
     }
 
     pub fn start_with(options: CollectorOptions) -> Kalive {
+        Kalive::resume_with(options, Received::default())
+    }
+
+    /// A collector that resumes from what a previous one handed over (`received`), as the
+    /// daemon does after a restart (kernel::handover).
+    pub fn resume_with(options: CollectorOptions, received: Received) -> Kalive {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
@@ -73,7 +89,7 @@ impl Kalive {
         let cancel = CancellationToken::new();
         let collector = {
             let _guard = runtime.enter();
-            Collector::start(options, cancel.clone())
+            Collector::start(options, received, cancel.clone())
                 .unwrap_or_else(|err| panic!("kalive failed to start: {err}"))
         };
         Kalive {
@@ -81,6 +97,24 @@ impl Kalive {
             runtime,
             collector: Some(collector),
             cancel,
+        }
+    }
+
+    /// Whether this collector resumed from a previous one.
+    pub fn resumed(&self) -> bool {
+        self.collector
+            .as_ref()
+            .is_some_and(|collector| collector.resumed)
+    }
+
+    /// Stops the collector as the daemon stops on SIGTERM (handing over, if its options say
+    /// where); panics if it stopped with an error.
+    pub fn stop(mut self) {
+        self.cancel.cancel();
+        if let Some(collector) = self.collector.take() {
+            self.runtime
+                .block_on(collector.wait())
+                .unwrap_or_else(|err| panic!("kalive stopped with an error: {err}"));
         }
     }
 

@@ -13,11 +13,12 @@
 //! - `server`: the daemon's HTTP server in-process on such a table;
 //! - `ss`: what `ss -tion` says about a namespace's sockets;
 //! - `process`: what /proc says about the test process (command, cgroup);
-//! - `process`: what /proc says about the test process (command, cgroup);
+//! - `fd_store`: a service manager's file descriptor store, for restarts that hand over;
 //! - `link`: two namespaces joined by a link with latency, loss and blackholes.
 
 pub mod bpftool;
 pub mod daemon;
+pub mod fd_store;
 pub mod fixtures;
 pub mod kalive;
 pub mod link;

@@ -228,6 +228,13 @@ pub struct LoadOptions {
     pub events_bytes: u32,
 }
 
+impl LoadOptions {
+    /// The wake-up threshold the programs get: at most a quarter of the ring buffer.
+    pub fn effective_wakeup_bytes(&self) -> u64 {
+        self.wakeup_bytes.min(u64::from(self.events_bytes) / 4)
+    }
+}
+
 impl Default for LoadOptions {
     fn default() -> Self {
         LoadOptions {
@@ -238,6 +245,26 @@ impl Default for LoadOptions {
             events_bytes: limits::EVENTS_BYTES,
         }
     }
+}
+
+/// The conversions this kernel's values need.
+fn units_of(types: &KernelTypes) -> Result<KernelUnits, LoadError> {
+    Ok(KernelUnits {
+        hz: kernel_hz()?,
+        reset_reasons: types.reset_reasons(),
+        ephemeral_ports: ephemeral_ports(),
+    })
+}
+
+/// The conversions this kernel's values need, for a daemon that resumes with programs a
+/// previous one loaded.
+pub fn kernel_units() -> Result<KernelUnits, LoadError> {
+    units_of(&KernelTypes::from_running_kernel()?)
+}
+
+/// A number that names this build's kernel programs (kernel::handover compares it).
+pub fn programs_object_hash() -> u64 {
+    crate::kernel::handover::object_hash(KERNEL_PROGRAMS)
 }
 
 /// Loads the programs with this kernel's layouts and attaches them in the requested mode.
@@ -255,20 +282,14 @@ pub fn load_and_attach(options: LoadOptions) -> Result<Loaded, LoadError> {
     let types = KernelTypes::from_running_kernel()?;
     let sock_layout = types.sock_layout()?;
     let send_reset = send_reset_program(&types)?;
-    let units = KernelUnits {
-        hz: kernel_hz()?,
-        reset_reasons: types.reset_reasons(),
-        ephemeral_ports: ephemeral_ports(),
-    };
+    let units = units_of(&types)?;
     let (timer_fn_address, mut timer_fn_error) =
         match function_address(names::KEEPALIVE_TIMER_FUNCTION) {
             Ok(address) => (address, None),
             Err(err) => (0, Some(err)),
         };
 
-    let wakeup_bytes = options
-        .wakeup_bytes
-        .min(u64::from(options.events_bytes) / 4);
+    let wakeup_bytes = options.effective_wakeup_bytes();
     let btf = Btf::from_sys_fs().map_err(|err| {
         LoadError::Btf(BtfError::Parse(format!(
             "aya could not read the kernel BTF: {err}"

@@ -6,6 +6,7 @@ pub mod btf_layout;
 pub mod decode;
 pub mod ebpf_log;
 pub mod errno;
+pub mod handover;
 pub mod hz;
 pub mod ipvs;
 pub mod kallsyms;

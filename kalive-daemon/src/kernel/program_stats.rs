@@ -37,6 +37,16 @@ impl ProgramHandles {
         ProgramHandles(handles)
     }
 
+    /// Handles on programs a previous daemon loaded (kernel::handover).
+    pub fn from_fds(handles: Vec<(&'static str, OwnedFd)>) -> Self {
+        ProgramHandles(handles)
+    }
+
+    /// The programs, by name.
+    pub fn fds(&self) -> &[(&'static str, OwnedFd)] {
+        &self.0
+    }
+
     /// Each program's recursion_misses, or why it could not be read.
     pub fn recursion_misses(&self) -> Vec<(&'static str, std::io::Result<u64>)> {
         self.0
@@ -51,6 +61,11 @@ impl ProgramHandles {
 /// Kernels before 5.12 do not fill the field and report 0.
 pub fn recursion_misses(fd: BorrowedFd<'_>) -> std::io::Result<u64> {
     Ok(program_info(fd)?.recursion_misses)
+}
+
+/// The kernel's id of the program behind `fd`.
+pub fn program_id(fd: BorrowedFd<'_>) -> std::io::Result<u32> {
+    Ok(program_info(fd)?.id)
 }
 
 /// BPF_OBJ_GET_INFO_BY_FD for the program behind `fd`.

@@ -28,21 +28,6 @@ use kalive_testkit::{
 
 const DEAD_CONNECTIONS: usize = 60;
 
-/// Every program kalive can attach.
-const PROGRAMS: [&str; 12] = [
-    names::PROG_FENTRY_TIMER,
-    names::PROG_FEXIT_TIMER,
-    names::PROG_KPROBE_TIMER,
-    names::PROG_KRETPROBE_TIMER,
-    names::PROG_TP_TIMER_ENTRY,
-    names::PROG_TP_TIMER_EXIT,
-    names::PROG_TP_SEND_RESET_WITH_REASON,
-    names::PROG_TP_SEND_RESET,
-    names::PROG_TP_RECEIVE_RESET,
-    names::PROG_TP_ERROR_REPORT,
-    names::PROG_TP_SET_STATE,
-    names::PROG_TP_DESTROY_SOCK,
-];
 const CHURN_THREADS: usize = 2;
 
 #[test]
@@ -150,7 +135,10 @@ fn counts_stay_exact_under_connection_churn() {
     for program in &programs {
         // The kernel keeps 15 characters of a name; bpftool may restore the rest from BTF.
         assert!(
-            !program.name.is_empty() && PROGRAMS.iter().any(|name| name.starts_with(&program.name)),
+            !program.name.is_empty()
+                && names::ALL_PROGRAMS
+                    .iter()
+                    .any(|name| name.starts_with(&program.name)),
             "program {} is {:?}, not one of kalive's",
             program.id,
             program.name

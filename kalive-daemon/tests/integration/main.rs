@@ -20,6 +20,7 @@ mod middlebox;
 mod overflow;
 mod privileged;
 mod real_link;
+mod restart;
 mod service;
 mod table;
 mod top_tmux;

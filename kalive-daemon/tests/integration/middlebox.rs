@@ -89,6 +89,7 @@ fn a_middlebox_kills_what_the_advisor_flags_and_the_suggested_setting_survives_i
             from: "the test's middlebox".to_owned(),
         }),
         adopt_existing: false,
+        hand_over_to: None,
     });
     let link = Link::new(LinkConfig::default());
     link.forget_idle_connections(Some(LIMIT));

@@ -702,6 +702,7 @@ fn more_connections_than_the_map_holds() {
         series: Default::default(),
         middlebox: MiddleboxRules::default(),
         adopt_existing: false,
+        hand_over_to: None,
     });
     let link = Link::new(LinkConfig::default());
     let netns = link.client.inum;

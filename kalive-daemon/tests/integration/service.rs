@@ -1,27 +1,44 @@
 //! kalive under a service manager: with NOTIFY_SOCKET set (systemd's Type=notify), the real
 //! binary says READY=1 only once its programs are attached (bpftool sees them linked) and its
 //! port answers, and STOPPING=1 on SIGTERM, after which it exits within 2 s even with an idle
-//! and a half-sent HTTP connection open.
+//! and a half-sent HTTP connection open. It hands its programs to the manager's descriptor
+//! store on the way out (restart.rs); once the manager closes them, as at `systemctl stop`,
+//! nothing stays attached.
 
 use std::{
-    io::Write as _, net::TcpStream, os::unix::net::UnixDatagram, process::Command, time::Duration,
+    io::Write as _,
+    net::TcpStream,
+    process::Command,
+    time::{Duration, Instant},
 };
 
 use kalive_testkit::{
     bpftool::{linked_program_ids, program_ids_of},
     daemon::DaemonProcess,
+    fd_store::FdStore,
     privilege::{privileged, tool},
 };
 
 use crate::DAEMON;
 
-/// The next notification datagram, as text.
-fn next_notification(socket: &UnixDatagram) -> String {
-    let mut buffer = [0u8; 4096];
-    let length = socket
-        .recv(&mut buffer)
-        .expect("no notification from kalive-daemon within 30 s");
-    String::from_utf8_lossy(&buffer[..length]).into_owned()
+/// The first notification that has `line`, waiting up to 30 s.
+fn notification_with(store: &FdStore, line: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(found) = store
+            .messages()
+            .into_iter()
+            .find(|message| message.lines().any(|l| l == line))
+        {
+            return found;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no {line} from kalive-daemon within 30 s: {:?}",
+            store.messages()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 #[test]
@@ -30,15 +47,7 @@ fn ready_after_attaching_and_listening_and_stopped_within_2_s() {
     if !privileged(test) || !tool(test, "bpftool") {
         return;
     }
-    let dir = std::env::temp_dir().join(format!("kalive-notify-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    let socket_path = dir.join("notify");
-    let _ = std::fs::remove_file(&socket_path);
-    let socket = UnixDatagram::bind(&socket_path).expect("bind the notify socket");
-    socket
-        .set_read_timeout(Some(Duration::from_secs(30)))
-        .expect("timeout");
-
+    let store = FdStore::new(test);
     let mut command = Command::new(DAEMON);
     command
         .args([
@@ -47,10 +56,10 @@ fn ready_after_attaching_and_listening_and_stopped_within_2_s() {
             "127.0.0.1:0",
             "--quiet-probes",
         ])
-        .env("NOTIFY_SOCKET", &socket_path);
+        .env("NOTIFY_SOCKET", store.path());
     let mut daemon = DaemonProcess::start_command(command);
 
-    let ready = next_notification(&socket);
+    let ready = notification_with(&store, "READY=1");
     // At READY=1 every program the daemon holds is attached, and the port it names answers.
     let held = program_ids_of(daemon.pid());
     let linked = linked_program_ids();
@@ -79,11 +88,7 @@ fn ready_after_attaching_and_listening_and_stopped_within_2_s() {
     std::thread::sleep(Duration::from_millis(200));
 
     let (took, exit) = daemon.terminate();
-    let stopping = next_notification(&socket);
-    assert!(
-        stopping.lines().any(|line| line == "STOPPING=1"),
-        "{stopping:?}"
-    );
+    notification_with(&store, "STOPPING=1");
     assert!(
         exit.success(),
         "kalive-daemon ended with {exit} after SIGTERM"
@@ -92,10 +97,17 @@ fn ready_after_attaching_and_listening_and_stopped_within_2_s() {
         took <= Duration::from_secs(2),
         "SIGTERM to exit took {took:?}"
     );
+    store.wait_until_read();
+    assert_eq!(
+        store.names(),
+        ["kalive-v1-handover"],
+        "nothing handed over at the stop"
+    );
+    // The manager closes what it holds at a stop.
+    drop(store);
     let linked = linked_program_ids();
     assert!(
         held.iter().all(|id| !linked.contains(id)),
         "programs still attached after the stop: {held:?} in {linked:?}"
     );
-    let _ = std::fs::remove_dir_all(&dir);
 }

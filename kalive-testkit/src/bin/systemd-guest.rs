@@ -5,9 +5,11 @@
 //! 1. `apt-get install ./kalive.deb`: the unit is enabled and becomes active (Type=notify);
 //! 2. scrapes /metrics on 127.0.0.1:9977;
 //! 3. two dead peers, `systemctl restart kalive` in the middle of the first: the journal has a
-//!    `dead`/ETIMEDOUT outcome line for each, and the second's probes_sent equals the kernel's
-//!    TcpExt TCPKeepAlive of its namespace;
-//! 4. `systemctl stop kalive`: a clean stop (SIGTERM, exit 0) with the journal's stop lines;
+//!    `dead`/ETIMEDOUT outcome line for each, the handover and the resumption, and each one's
+//!    probes_sent equals the kernel's TcpExt TCPKeepAlive of its namespace (the first's across
+//!    the restart);
+//! 4. `systemctl stop kalive`: a clean stop (SIGTERM, exit 0) with the journal's stop lines,
+//!    and no kalive program left loaded (systemd closed what the daemon handed over);
 //! 5. bad arguments in /etc/default/kalive: the unit fails at once (no restart loop) with the
 //!    reason in the journal, and starts again once they are fixed;
 //! 6. with IPVS's TCP timeout set to 900 s (`ipvsadm --set`, as kube-proxy does), the audit holds
@@ -33,6 +35,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use kalive_common::names;
 use kalive_testkit::{
     netns::Netns,
     proc_net::{delta, tcp_ext},
@@ -277,11 +280,17 @@ fn outcome_line(journal: &str, port: u16) -> Option<String> {
 }
 
 fn dead_peers_across_a_restart() -> Result<String, String> {
-    // Probes every 5 s for 40 s: still probing when the restarted daemon is back.
-    let (first, _first_server) = dead_peer(Keepalive {
-        idle_s: 2,
-        interval_s: 5,
-        count: 8,
+    // Probes every 2 s from 2 s, four of them: probing when the restart comes (at 3 s) and
+    // after it. In a namespace of its own, so that TcpExt counts its probes alone.
+    let first_netns = Netns::new();
+    let (first_before, (first, _first_server)) = first_netns.run(|| {
+        let before = tcp_ext();
+        let pair = dead_peer(Keepalive {
+            idle_s: 2,
+            interval_s: 2,
+            count: 4,
+        });
+        (before, pair)
     });
     let first_port = local_port(&first);
     std::thread::sleep(Duration::from_secs(3));
@@ -307,6 +316,7 @@ fn dead_peers_across_a_restart() -> Result<String, String> {
     });
     let second_kernel = second_kernel?;
     wait_for_timeout(&first, Duration::from_secs(90))?;
+    let first_kernel = delta(&first_before, &first_netns.run(tcp_ext));
 
     // The outcome lines reach the journal a moment after the kernel closed the connections.
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -331,18 +341,34 @@ fn dead_peers_across_a_restart() -> Result<String, String> {
         }
     }
     // The package's default arguments hold --quiet-probes: the outcome line counts the probes.
-    let second_outcome = outcome_line(&journal, second_port).unwrap_or_default();
-    let second_probes: u64 = second_outcome
-        .split_whitespace()
-        .find_map(|field| field.strip_prefix("probes_sent="))
-        .and_then(|count| count.parse().ok())
-        .ok_or_else(|| format!("no probes_sent in {second_outcome}"))?;
-    if second_probes != second_kernel.keepalive_probes || second_kernel.aborts_on_timeout != 1 {
-        return Err(format!(
-            "second connection: probes_sent={second_probes}, TCPKeepAlive {} and \
-             TCPAbortOnTimeout {} in its namespace",
-            second_kernel.keepalive_probes, second_kernel.aborts_on_timeout
-        ));
+    // Both counts are exact: the first connection's probes before, during and after the
+    // restart (the programs stayed attached and the state was handed over), the second's
+    // under the restarted daemon alone.
+    for (name, port, kernel) in [
+        ("first", first_port, first_kernel),
+        ("second", second_port, second_kernel),
+    ] {
+        let outcome = outcome_line(&journal, port).unwrap_or_default();
+        let probes: u64 = outcome
+            .split_whitespace()
+            .find_map(|field| field.strip_prefix("probes_sent="))
+            .and_then(|count| count.parse().ok())
+            .ok_or_else(|| format!("no probes_sent in {outcome}"))?;
+        if probes != kernel.keepalive_probes || kernel.aborts_on_timeout != 1 {
+            return Err(format!(
+                "{name} connection: probes_sent={probes}, TCPKeepAlive {} and \
+                 TCPAbortOnTimeout {} in its namespace",
+                kernel.keepalive_probes, kernel.aborts_on_timeout
+            ));
+        }
+    }
+    for wanted in [
+        "handed the kernel programs and",
+        "resumed from the previous kalive-daemon",
+    ] {
+        if !journal.contains(wanted) {
+            return Err(format!("no `{wanted}` in the journal"));
+        }
     }
     let starts = journal.matches("kalive-daemon running, hook mode").count();
     let stops = journal.matches("SIGTERM received, stopping").count();
@@ -352,8 +378,9 @@ fn dead_peers_across_a_restart() -> Result<String, String> {
         ));
     }
     Ok(format!(
-        "restart took {restart_took:.1?}; port {first_port} dead across the restart, port \
-         {second_port} dead with probes_sent={second_probes} = TCPKeepAlive"
+        "restart took {restart_took:.1?}; port {first_port} dead across the restart with \
+         probes_sent={} = TCPKeepAlive, port {second_port} after it with {} = TCPKeepAlive",
+        first_kernel.keepalive_probes, second_kernel.keepalive_probes
     ))
 }
 
@@ -370,6 +397,23 @@ fn kalive_processes() -> Vec<u32> {
                 .collect()
         })
         .unwrap_or_default()
+}
+
+/// The loaded BPF programs named as kalive's are (the kernel keeps 15 characters of a name).
+fn kalive_programs() -> Result<Vec<String>, String> {
+    let mut found = Vec::new();
+    for program in aya::programs::loaded_programs() {
+        let program = program.map_err(|err| format!("listing BPF programs: {err}"))?;
+        let name = program.name_as_str().unwrap_or_default().to_owned();
+        if !name.is_empty()
+            && names::ALL_PROGRAMS
+                .iter()
+                .any(|known| known.starts_with(&name))
+        {
+            found.push(name);
+        }
+    }
+    Ok(found)
 }
 
 fn stop() -> Result<String, String> {
@@ -391,7 +435,23 @@ fn stop() -> Result<String, String> {
     if !left.is_empty() {
         return Err(format!("kalive-daemon processes left: {left:?}"));
     }
-    Ok(format!("stopped in {took:.1?}, exit status 0"))
+    // systemd closes the descriptor store at a stop: the programs it held detach and unload.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let loaded = kalive_programs()?;
+        if loaded.is_empty() {
+            break;
+        }
+        if Instant::now() > deadline {
+            return Err(format!(
+                "kalive programs still loaded after the stop: {loaded:?}"
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    Ok(format!(
+        "stopped in {took:.1?}, exit status 0, no kalive program loaded"
+    ))
 }
 
 fn bad_arguments() -> Result<String, String> {

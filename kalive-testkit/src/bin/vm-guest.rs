@@ -23,7 +23,10 @@ use std::{
 use kalive_daemon::{
     advisor::MiddleboxRules,
     collector::{Collector, CollectorError, CollectorOptions, DEFAULT_ANSWER_CHECKS_PER_SECOND},
-    kernel::loader::{HookMode, LoadError, LoadOptions},
+    kernel::{
+        handover::Received,
+        loader::{HookMode, LoadError, LoadOptions},
+    },
 };
 use kalive_testkit::{
     netns::Netns,
@@ -218,10 +221,11 @@ fn run_mode(runtime: &tokio::runtime::Runtime, mode: HookMode) {
         series: Default::default(),
         middlebox: MiddleboxRules::default(),
         adopt_existing: false,
+        hand_over_to: None,
     };
     let started = {
         let _guard = runtime.enter();
-        Collector::start(options, cancel.clone())
+        Collector::start(options, Received::default(), cancel.clone())
     };
     let collector = match started {
         Ok(collector) => collector,

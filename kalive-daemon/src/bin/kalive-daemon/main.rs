@@ -16,7 +16,10 @@ mod run;
 mod top;
 
 use clap::Parser as _;
-use kalive_daemon::kernel::ebpf_log::{self, EbpfLogLevel};
+use kalive_daemon::kernel::{
+    ebpf_log::{self, EbpfLogLevel},
+    handover::Received,
+};
 
 use crate::cli::{Cli, Command};
 
@@ -38,6 +41,13 @@ fn main() -> std::process::ExitCode {
         }
     }
     logger.init();
+    // What a previous daemon handed over through the service manager, read (and removed from
+    // the environment) while this is the only thread.
+    let received = match &cli.command {
+        // SAFETY: no other thread exists yet: the runtime is built below.
+        Command::Run(_) => unsafe { Received::from_service_manager() },
+        _ => Received::default(),
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -51,7 +61,7 @@ fn main() -> std::process::ExitCode {
     };
     let result = runtime.block_on(async {
         match cli.command {
-            Command::Run(args) => run::run(args).await,
+            Command::Run(args) => run::run(args, received).await,
             Command::Check(args) => check::check(args).await,
             Command::Audit(args) => audit::audit(&args),
             Command::Manuals { dir } => manuals::write(&dir),

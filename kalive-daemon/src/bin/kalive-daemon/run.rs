@@ -7,6 +7,7 @@ use kalive_daemon::{
     collector::{Collector, CollectorOptions, DEFAULT_ANSWER_CHECKS_PER_SECOND},
     export::{http, metrics::SeriesOptions, web_config::WebConfig},
     kernel::{
+        handover::{self, Received},
         loader::LoadOptions,
         privileges::{self, CAPABILITIES},
     },
@@ -16,7 +17,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::cli::RunArgs;
 
-pub(crate) async fn run(args: RunArgs) -> anyhow::Result<()> {
+/// `received`: what a previous daemon handed over through the service manager
+/// (kernel::handover), taken from the environment before any thread started.
+pub(crate) async fn run(args: RunArgs, received: Received) -> anyhow::Result<()> {
+    let signals = StopSignals::catch()?;
     // Configuration and the port first: a mistake there fails before the programs load.
     let web = match &args.web_config_file {
         Some(path) => WebConfig::load(path)?,
@@ -64,7 +68,9 @@ pub(crate) async fn run(args: RunArgs) -> anyhow::Result<()> {
             },
             middlebox,
             adopt_existing: true,
+            hand_over_to: handover::service_manager_socket(),
         },
+        received,
         cancel.clone(),
     )
     .context("kalive-daemon could not start")?;
@@ -79,7 +85,7 @@ pub(crate) async fn run(args: RunArgs) -> anyhow::Result<()> {
         limits: http::Limits::default(),
     });
     tokio::spawn(http::serve(listener, context, cancel.clone()));
-    tokio::spawn(shutdown_on_signal(cancel));
+    tokio::spawn(shutdown_on_signal(signals, cancel));
     // The programs are attached and the port listens: ready (systemd's Type=notify).
     let status = format!(
         "hook mode {}, serving {scheme}://{address}/metrics",
@@ -102,19 +108,33 @@ fn tell_service_manager(states: &[NotifyState<'_>]) {
     }
 }
 
-/// SIGINT or SIGTERM cancels everything.
-async fn shutdown_on_signal(cancel: CancellationToken) {
-    let mut terminate =
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(signal) => signal,
-            Err(err) => {
-                log::error!("cannot listen for SIGTERM: {err}");
-                return;
-            }
+/// SIGINT and SIGTERM, caught from the daemon's first moments: a stop asked for while the
+/// programs load waits for them and then stops cleanly (handing over), rather than killing the
+/// process half-way.
+struct StopSignals {
+    interrupt: tokio::signal::unix::Signal,
+    terminate: tokio::signal::unix::Signal,
+}
+
+impl StopSignals {
+    fn catch() -> anyhow::Result<StopSignals> {
+        use tokio::signal::unix::{signal, SignalKind};
+        let catch = |kind: SignalKind, name: &str| {
+            signal(kind)
+                .with_context(|| format!("cannot catch {name}: the daemon could not stop cleanly"))
         };
+        Ok(StopSignals {
+            interrupt: catch(SignalKind::interrupt(), "SIGINT")?,
+            terminate: catch(SignalKind::terminate(), "SIGTERM")?,
+        })
+    }
+}
+
+/// SIGINT or SIGTERM cancels everything.
+async fn shutdown_on_signal(mut signals: StopSignals, cancel: CancellationToken) {
     tokio::select! {
-        _ = tokio::signal::ctrl_c() => log::info!("SIGINT received, stopping"),
-        _ = terminate.recv() => log::info!("SIGTERM received, stopping"),
+        _ = signals.interrupt.recv() => log::info!("SIGINT received, stopping"),
+        _ = signals.terminate.recv() => log::info!("SIGTERM received, stopping"),
     }
     tell_service_manager(&[NotifyState::Stopping]);
     cancel.cancel();

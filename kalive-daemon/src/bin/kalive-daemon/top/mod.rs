@@ -34,7 +34,7 @@ use kalive_daemon::{
     advisor::MiddleboxRules,
     collector::{Collector, CollectorError, CollectorOptions, DEFAULT_ANSWER_CHECKS_PER_SECOND},
     export::metrics::SeriesOptions,
-    kernel::{loader::LoadOptions, privileges::is_root},
+    kernel::{handover::Received, loader::LoadOptions, privileges::is_root},
 };
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -111,7 +111,9 @@ pub(crate) async fn run(args: TopArgs) -> Result<(), TopError> {
                 series: SeriesOptions::default(),
                 middlebox: MiddleboxRules::default(),
                 adopt_existing: true,
+                hand_over_to: None,
             },
+            Received::default(),
             cancel.clone(),
         )
         .map_err(TopError::Collector)?;
