@@ -284,7 +284,7 @@ fn event_json(
     clock: &Clock,
     hook_mode: &str,
 ) -> EventJson {
-    match &entry.change {
+    match entry.change.as_ref() {
         Change::PeerState(change) => EventJson {
             seq: entry.seq,
             kind: EventKind::PeerState,

@@ -94,7 +94,9 @@ pub struct Connection {
     /// a keepalive timer run: what is known comes from sock_diag and the owner's socket options.
     pub adopted: bool,
     /// The process that holds the socket, as the inventory found it.
-    pub owner: Option<SocketOwner>,
+    /// Boxed: most connections have none, and a connection is copied into every history
+    /// entry about it.
+    pub owner: Option<Box<SocketOwner>>,
 }
 
 /// A connection the inventory found, to adopt before its first keepalive timer run (which one

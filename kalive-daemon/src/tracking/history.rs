@@ -18,7 +18,9 @@ pub enum Change {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct HistoryEntry {
     pub seq: u64,
-    pub change: Change,
+    /// Boxed: a queue slot is then 16 bytes, and the slack a VecDeque keeps as it grows costs
+    /// little (a change holds a whole connection, about 350 bytes).
+    pub change: Box<Change>,
 }
 
 /// Ended connections and peer-state changes, each queue bounded by `limit` so a burst of probes
@@ -58,7 +60,10 @@ impl History {
             Change::Ended(_) => &mut self.ended,
             Change::PeerState(_) => &mut self.changes,
         };
-        queue.push_back(HistoryEntry { seq, change });
+        queue.push_back(HistoryEntry {
+            seq,
+            change: Box::new(change),
+        });
         keep_newest(queue, self.limit);
     }
 
@@ -113,7 +118,7 @@ impl History {
         self.ended
             .iter()
             .rev()
-            .filter_map(|entry| match &entry.change {
+            .filter_map(|entry| match entry.change.as_ref() {
                 Change::Ended(ended) => Some(ended),
                 Change::PeerState(_) => None,
             })
@@ -145,11 +150,11 @@ impl HistorySnapshot {
         let ended = self
             .ended
             .iter()
-            .all(|entry| matches!(entry.change, Change::Ended(_)));
+            .all(|entry| matches!(*entry.change, Change::Ended(_)));
         let changes = self
             .changes
             .iter()
-            .all(|entry| matches!(entry.change, Change::PeerState(_)));
+            .all(|entry| matches!(*entry.change, Change::PeerState(_)));
         if !ended || !changes {
             return Err("a history entry is in the other kind's queue");
         }
@@ -169,7 +174,7 @@ impl HistorySnapshot {
         self.ended
             .iter()
             .chain(&self.changes)
-            .map(|entry| match &entry.change {
+            .map(|entry| match entry.change.as_ref() {
                 Change::PeerState(change) => &change.connection,
                 Change::Ended(ended) => &ended.connection,
             })

@@ -53,7 +53,7 @@ pub(super) struct Contents {
     /// The layout of the bytes (`FORMAT` when written by this daemon).
     pub(super) format: u32,
     /// Tracked connections by kernel socket address.
-    pub(super) live: HashMap<u64, Connection>,
+    pub(super) live: HashMap<u64, Box<Connection>>,
     /// The history's entries and numbering, without its limit.
     pub(super) history: HistorySnapshot,
     /// Running totals by network namespace.
@@ -74,6 +74,7 @@ impl Contents {
         let mut connections = self
             .live
             .values()
+            .map(Box::as_ref)
             .chain(self.adopted.values())
             .chain(self.history.connections());
         if connections.any(|conn| conn.id >= self.next_id) {
@@ -416,7 +417,7 @@ mod tests {
         let newest = |kind_ended: bool| {
             history_entries(&busy.table)
                 .into_iter()
-                .find(|entry| matches!(entry.change, Change::Ended(_)) == kind_ended)
+                .find(|entry| matches!(*entry.change, Change::Ended(_)) == kind_ended)
         };
         let mut expected: Vec<HistoryEntry> = [newest(true), newest(false)]
             .into_iter()

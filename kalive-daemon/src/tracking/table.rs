@@ -130,7 +130,7 @@ fn timeout_error(error: i32) -> bool {
 
 pub struct ConnectionTable {
     units: KernelUnits,
-    live: HashMap<u64, Connection>,
+    live: HashMap<u64, Box<Connection>>,
     history: History,
     totals: BTreeMap<u32, Totals>,
     next_id: u64,
@@ -224,7 +224,7 @@ impl ConnectionTable {
             conn.probes_outstanding = found.probes_outstanding;
             conn.idle_at_last_run = found.idle;
             conn.srtt = found.srtt;
-            conn.owner = found.owner;
+            conn.owner = found.owner.map(Box::new);
             conn.peer_state = if found.probes_outstanding > 1 {
                 live_state(found.probes_outstanding, conn.probe_limit())
             } else {
@@ -253,7 +253,7 @@ impl ConnectionTable {
         conn.srtt = found.srtt;
         conn.idle_at_last_run = found.idle;
         conn.adopted = true;
-        conn.owner = found.owner.clone();
+        conn.owner = found.owner.clone().map(Box::new);
         conn
     }
 
@@ -294,7 +294,10 @@ impl ConnectionTable {
 
     /// Every live connection: tracked by the kernel programs, and adopted from the inventory.
     pub fn connections(&self) -> impl Iterator<Item = &Connection> {
-        self.live.values().chain(self.adopted.values())
+        self.live
+            .values()
+            .map(Box::as_ref)
+            .chain(self.adopted.values())
     }
 
     pub fn connection_count(&self) -> usize {
@@ -489,6 +492,7 @@ impl ConnectionTable {
         }
         self.live
             .get(&event.sock)
+            .map(Box::as_ref)
             .filter(|c| c.first_seen_ns == event.first_seen_ns)
     }
 
@@ -534,7 +538,7 @@ impl ConnectionTable {
     fn refresh_known(&mut self, event: &KernelEvent) {
         if let Some(mut conn) = self.known(event).cloned() {
             self.refresh(&mut conn, event);
-            self.live.insert(event.sock, conn);
+            self.live.insert(event.sock, Box::new(conn));
         }
     }
 
@@ -569,7 +573,7 @@ impl ConnectionTable {
             };
             self.end(
                 event.sock,
-                old,
+                *old,
                 &ending,
                 Some(Signal::CloseMissed),
                 event.time_ns,
@@ -737,7 +741,7 @@ impl ConnectionTable {
             };
             self.end(event.sock, conn, &ending, None, event.time_ns, applied);
         } else {
-            self.live.insert(event.sock, conn);
+            self.live.insert(event.sock, Box::new(conn));
         }
     }
 
@@ -765,7 +769,7 @@ impl ConnectionTable {
                 PeerState::Reset
             };
             self.set_peer_state(&mut conn, state, event.time_ns);
-            self.live.insert(event.sock, conn);
+            self.live.insert(event.sock, Box::new(conn));
         }
     }
 

@@ -135,7 +135,7 @@ fn changes_of(kalive: &Kalive, id: u64) -> Vec<(PeerState, PeerState)> {
             .history()
             .since(0)
             .into_iter()
-            .filter_map(|entry| match &entry.change {
+            .filter_map(|entry| match entry.change.as_ref() {
                 Change::PeerState(change) if change.connection.id == id => {
                     Some((entry.seq, change.from, change.connection.peer_state))
                 }

@@ -89,7 +89,7 @@ fn an_answer_is_counted_once_from_the_next_run_or_the_close() {
         .history()
         .since(0)
         .iter()
-        .all(|entry| matches!(entry.change, Change::Ended(_))));
+        .all(|entry| matches!(*entry.change, Change::Ended(_))));
 }
 
 #[test]
@@ -352,7 +352,7 @@ fn peer_state_changes_are_numbered_history_entries() {
     let changes: Vec<_> = history
         .since(0)
         .iter()
-        .map(|entry| match &entry.change {
+        .map(|entry| match entry.change.as_ref() {
             Change::PeerState(change) => (
                 entry.seq,
                 change.from.to_string(),
