@@ -156,13 +156,9 @@ impl Received {
         }
     }
 
+    /// Nothing was passed (every descriptor, bundled or not, is recorded in `stored_as`).
     pub fn is_empty(&self) -> bool {
         self.stored_as.is_empty()
-            && self.state.is_none()
-            && self.maps.is_empty()
-            && self.programs.is_empty()
-            && self.links.is_empty()
-            && self.ignored.is_empty()
     }
 }
 
@@ -518,8 +514,15 @@ fn read_state(fd: OwnedFd) -> Result<SavedState, String> {
     file.seek(SeekFrom::Start(0))
         .and_then(|_| file.read_to_end(&mut bytes))
         .map_err(|err| format!("reading the previous daemon's state: {err}"))?;
-    postcard::from_bytes(&bytes)
-        .map_err(|err| format!("the previous daemon's state is unreadable: {err}"))
+    // The whole file is one state: bytes after its end mean it is damaged.
+    match postcard::take_from_bytes::<SavedState>(&bytes) {
+        Ok((state, [])) => Ok(state),
+        Ok((_, rest)) => Err(format!(
+            "the previous daemon's state is unreadable: {} bytes after its end",
+            rest.len()
+        )),
+        Err(err) => Err(format!("the previous daemon's state is unreadable: {err}")),
+    }
 }
 
 /// The link id and the program a BPF link descriptor of this process attaches (its fdinfo's
@@ -738,6 +741,20 @@ fn state_file(bytes: &[u8]) -> std::io::Result<File> {
 mod tests {
     use super::*;
 
+    /// Why `check` refuses `received` with the default options.
+    fn refusal(mut received: Received) -> String {
+        check(&mut received, &LoadOptions::default(), 1)
+            .err()
+            .expect("the handover is refused")
+    }
+
+    /// A Received holding `bundle` as the service manager passes it.
+    fn passed(bundle: UnixDatagram) -> Received {
+        [(BUNDLE.to_owned(), OwnedFd::from(bundle))]
+            .into_iter()
+            .collect()
+    }
+
     #[test]
     fn the_object_hash_is_fnv_1a() {
         // Reference values of 64-bit FNV-1a.
@@ -777,27 +794,50 @@ mod tests {
 
     #[test]
     fn a_state_that_is_not_one_refuses_the_handover() {
-        let mut received = Received::default();
-        received.add(
-            STATE.to_owned(),
-            OwnedFd::from(state_file(b"\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff").unwrap()),
-        );
-        let why = check(&mut received, &LoadOptions::default(), 1)
-            .err()
-            .unwrap();
+        let state = |bytes: &[u8]| -> Received {
+            [(STATE.to_owned(), OwnedFd::from(state_file(bytes).unwrap()))]
+                .into_iter()
+                .collect()
+        };
+        let why = refusal(state(b"\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff"));
         assert!(
             why.starts_with("the previous daemon's state is unreadable: "),
             "{why}"
         );
-        let mut received = Received::default();
-        received.add(
+
+        // A whole state reads (the refusal comes later, at the missing maps); one byte more
+        // after it does not.
+        let units = crate::kernel::units::KernelUnits {
+            hz: 250,
+            reset_reasons: BTreeMap::new(),
+            ephemeral_ports: 32768..=60999,
+        };
+        let saved = SavedState {
+            programs_object: 1,
+            load: SavedLoad::new(HookMode::Tracepoint, &LoadOptions::default()),
+            programs: Vec::new(),
+            table: crate::tracking::table::ConnectionTable::new(units, 10).snapshot(),
+            kernel_drops: Vec::new(),
+            reset_counts: Vec::new(),
+            programs_skipped: Vec::new(),
+            unseen: UnseenProbes::new(),
+            namespaces_at_attach: Vec::new(),
+        };
+        let mut bytes = postcard::to_allocvec(&saved).unwrap();
+        assert_eq!(refusal(state(&bytes)), "the map EVENTS is missing");
+        bytes.push(0);
+        assert_eq!(
+            refusal(state(&bytes)),
+            "the previous daemon's state is unreadable: 1 bytes after its end"
+        );
+
+        let missing: Received = [(
             format!("{MAP}EVENTS"),
             File::open("/dev/null").map(OwnedFd::from).unwrap(),
-        );
-        let why = check(&mut received, &LoadOptions::default(), 1)
-            .err()
-            .unwrap();
-        assert_eq!(why, "the previous daemon's state is missing");
+        )]
+        .into_iter()
+        .collect();
+        assert_eq!(refusal(missing), "the previous daemon's state is missing");
     }
 
     #[test]
@@ -843,20 +883,14 @@ mod tests {
             )
             .unwrap();
         drop(sender);
-        let mut received = Received::default();
-        received.add(BUNDLE.to_owned(), OwnedFd::from(bundle));
-        let why = check(&mut received, &LoadOptions::default(), 1)
-            .err()
-            .unwrap();
-        assert_eq!(why, "the handover names 2 descriptors and holds 1");
+        assert_eq!(
+            refusal(passed(bundle)),
+            "the handover names 2 descriptors and holds 1"
+        );
 
         let (sender, bundle) = UnixDatagram::pair().unwrap();
         drop(sender);
-        let mut received = Received::default();
-        received.add(BUNDLE.to_owned(), OwnedFd::from(bundle));
-        let why = check(&mut received, &LoadOptions::default(), 1)
-            .err()
-            .unwrap();
+        let why = refusal(passed(bundle));
         assert!(why.starts_with("reading the handover: "), "{why}");
     }
 }

@@ -1,6 +1,6 @@
 //! The connection table saved across a daemon restart: what `ConnectionTable::snapshot` takes and
-//! `ConnectionTable::restore` puts back, as postcard bytes (`TableSnapshot::to_bytes`,
-//! `TableSnapshot::from_bytes`). The kernel units and the middlebox rules are not saved: the new
+//! `ConnectionTable::restore` puts back, written with postcard inside the state the daemon hands
+//! to the next one (kernel::handover). The kernel units and the middlebox rules are not saved: the new
 //! process reads its own from the host and its arguments, and applies its own history limit.
 
 use std::{
@@ -99,6 +99,9 @@ impl TryFrom<Contents> for TableSnapshot {
     }
 }
 
+/// A snapshot on its own, for the tests: the daemon writes and reads it inside the handover's
+/// state (kernel::handover), where the same checks apply through `try_from`.
+#[cfg(test)]
 impl TableSnapshot {
     /// The snapshot as postcard bytes.
     pub fn to_bytes(&self) -> Vec<u8> {
