@@ -803,7 +803,7 @@ impl UnseenCheck {
                      kalive_keepalive_probes_unseen_total; later ones are logged at debug level)"
                 );
                 collected.table.count_unseen_probes(netns, unseen);
-                collected.metrics.add_unseen_probes(unseen);
+                collected.metrics.add_unseen_probes(netns, unseen);
             }
         }
     }

@@ -9,6 +9,7 @@
 //! - `kalive`: the daemon's collector in-process, through its own load/attach code;
 //! - `daemon`: the real `kalive-daemon` binary as a child process, and promtool;
 //! - `bpftool`: what bpftool says about kalive's programs;
+//! - `hidden_runs`: keepalive runs the host hides from BPF, counted with ftrace;
 //! - `fixtures`: tables and API answers built from synthetic kernel records;
 //! - `server`: the daemon's HTTP server in-process on such a table;
 //! - `ss`: what `ss -tion` says about a namespace's sockets;
@@ -20,6 +21,7 @@ pub mod bpftool;
 pub mod daemon;
 pub mod fd_store;
 pub mod fixtures;
+pub mod hidden_runs;
 pub mod kalive;
 pub mod link;
 pub mod netns;

@@ -176,7 +176,8 @@ pub struct Metrics {
     settings: IntGaugeVec,
     events_lost: IntCounterVec,
     probes_unreported: IntCounter,
-    probes_unseen: IntCounter,
+    /// By `netns` when `--labels` has it, else one series.
+    probes_unseen: IntCounterVec,
     timeouts: IntCounterVec,
     map_entries: IntGaugeVec,
     map_capacity: IntGaugeVec,
@@ -215,6 +216,11 @@ impl Metrics {
             let opts = HistogramOpts::new(name, help).buckets(buckets);
             registered(&registry, HistogramVec::new(opts, labels)?)
         };
+
+        // Unseen probes are found per namespace, so they carry the netns label when the
+        // per-connection counters do.
+        let by_netns = series.options.extra_labels.contains(&ExtraLabel::Netns);
+        let unseen_labels: &[&str] = if by_netns { &["netns"] } else { &[] };
 
         let metrics = Metrics {
             probes_sent: counter(
@@ -308,15 +314,13 @@ impl Metrics {
                      (ring buffer full); they are part of keepalive_probes_unseen_total too.",
                 )?,
             )?,
-            probes_unseen: registered(
-                &registry,
-                IntCounter::new(
-                    "keepalive_probes_unseen_total",
-                    "Keepalive probes the kernel counted (TcpExt TCPKeepAlive of each network \
-                     namespace, compared every few seconds) that kalive has no record of: runs \
-                     the kernel did not hand to kalive's programs, or records lost. \
-                     probes_sent + this = TCPKeepAlive.",
-                )?,
+            probes_unseen: counter(
+                "keepalive_probes_unseen_total",
+                "Keepalive probes the kernel counted (TcpExt TCPKeepAlive of each network \
+                 namespace, compared every few seconds) that kalive has no record of: runs the \
+                 kernel did not hand to kalive's programs, or records lost. probes_sent + this = \
+                 TCPKeepAlive.",
+                unseen_labels,
             )?,
             timeouts: counter(
                 "tcp_timeouts_total",
@@ -381,6 +385,9 @@ impl Metrics {
             .set(i64::try_from(metrics.series.options.max_series).unwrap_or(i64::MAX));
         for stage in loss_stage::ALL {
             metrics.events_lost.with_label_values(&[stage]);
+        }
+        if !by_netns {
+            metrics.probes_unseen.with_label_values::<&str>(&[]);
         }
         Ok(metrics)
     }
@@ -456,9 +463,23 @@ impl Metrics {
         self.probes_unreported.inc_by(probes);
     }
 
-    /// Adds probes the kernel counted that kalive has no record of.
-    pub fn add_unseen_probes(&self, probes: u64) {
-        self.probes_unseen.inc_by(probes);
+    /// Adds probes the kernel counted in namespace `netns` that kalive has no record of.
+    pub fn add_unseen_probes(&self, netns: u32, probes: u64) {
+        self.unseen_series(netns).inc_by(probes);
+    }
+
+    fn unseen_series(&self, netns: u32) -> IntCounter {
+        if self
+            .series
+            .options
+            .extra_labels
+            .contains(&ExtraLabel::Netns)
+        {
+            self.probes_unseen
+                .with_label_values(&[netns.to_string().as_str()])
+        } else {
+            self.probes_unseen.with_label_values::<&str>(&[])
+        }
     }
 
     /// Events lost at every stage: the sum of `kalive_events_lost_total` over `stage`.
@@ -720,6 +741,38 @@ mod tests {
         ));
         assert!(text.contains("kalive_series_folded_total 3"));
         assert!(text.contains("kalive_series 2"));
+    }
+
+    #[test]
+    fn unseen_probes_carry_the_netns_label_only_when_asked() {
+        let plain = Metrics::new(SeriesOptions::default()).unwrap();
+        assert!(render(&plain)
+            .lines()
+            .any(|l| l == "kalive_keepalive_probes_unseen_total 0"));
+        plain.add_unseen_probes(4026531840, 2);
+        plain.add_unseen_probes(4026532000, 1);
+        assert!(render(&plain)
+            .lines()
+            .any(|l| l == "kalive_keepalive_probes_unseen_total 3"));
+
+        let by_netns = Metrics::new(SeriesOptions {
+            extra_labels: vec![ExtraLabel::Netns],
+            ..SeriesOptions::default()
+        })
+        .unwrap();
+        by_netns.add_unseen_probes(4026531840, 2);
+        by_netns.add_unseen_probes(4026532000, 1);
+        by_netns.add_unseen_probes(4026531840, 1);
+        let text = render(&by_netns);
+        for line in [
+            "kalive_keepalive_probes_unseen_total{netns=\"4026531840\"} 3",
+            "kalive_keepalive_probes_unseen_total{netns=\"4026532000\"} 1",
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "missing {line:?} in\n{text}"
+            );
+        }
     }
 
     #[test]

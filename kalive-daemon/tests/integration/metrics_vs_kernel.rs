@@ -11,7 +11,8 @@ use std::{
 };
 
 use kalive_testkit::{
-    daemon::{promtool_check, DaemonProcess},
+    daemon::{metric_sum, promtool_check, DaemonProcess},
+    hidden_runs::{unseen_allowed, HiddenRuns, UNSEEN_CATCH_UP},
     netns::Netns,
     privilege::{privileged, tool},
     proc_net::{delta, tcp_ext, tcp_snmp, KernelDelta},
@@ -228,6 +229,7 @@ fn prometheus_sees_the_kernels_counts_for_the_core_scenarios() {
     }
     let daemon = DaemonProcess::start(DAEMON, &["--labels", "netns", "--quiet-probes"]);
     let prometheus = Prometheus::start(daemon.http);
+    let hidden = HiddenRuns::start();
     let netns = Netns::new();
     let kernel = netns.run(run_scenarios);
     let ns = netns.inum.to_string();
@@ -263,8 +265,25 @@ fn prometheus_sees_the_kernels_counts_for_the_core_scenarios() {
         );
     }
 
-    let (status, exposition) = daemon.get("/metrics");
-    assert_eq!(status, 200);
+    // Every probe is seen or, once the daemon's comparison with this namespace's TCPKeepAlive
+    // has caught up (it runs every second), counted unseen.
+    let netns_label = format!("netns=\"{}\"", netns.inum);
+    let deadline = Instant::now() + UNSEEN_CATCH_UP;
+    let exposition = loop {
+        let (status, exposition) = daemon.get("/metrics");
+        assert_eq!(status, 200);
+        let accounted: u64 = [
+            "kalive_keepalive_probes_sent_total",
+            "kalive_keepalive_probes_unseen_total",
+        ]
+        .iter()
+        .map(|name| metric_sum(&exposition, name, &[netns_label.as_str()]))
+        .sum();
+        if accounted == kernel.tcp_ext.keepalive_probes || Instant::now() > deadline {
+            break exposition;
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    };
     promtool_check(&exposition);
     let samples = samples(&exposition);
     let here = [("netns", ns.as_str())];
@@ -274,20 +293,25 @@ fn prometheus_sees_the_kernels_counts_for_the_core_scenarios() {
         sum(&samples, name, &with) as u64
     };
 
-    // What the kernel counted in this namespace. Probes: never more than TCPKeepAlive; now and
-    // then a keepalive run is not seen by the timer programs (an open problem, see
-    // docs/testing.md), so the gap is printed rather than asserted to be 0.
+    // What the kernel counted in this namespace. Probes: seen + unseen is exact; unseen ones
+    // are runs the host hid from every BPF program, within what ftrace saw it hide
+    // (docs/testing.md).
     let probes = count("kalive_keepalive_probes_sent_total", &[]);
+    let unseen = count("kalive_keepalive_probes_unseen_total", &[]);
+    let hidden_runs = hidden.count();
+    let allowed = unseen_allowed(kernel.tcp_ext.keepalive_probes, hidden_runs);
     assert!(
-        probes <= kernel.tcp_ext.keepalive_probes && probes + 2 >= kernel.tcp_ext.keepalive_probes,
-        "probes {probes} vs TcpExt TCPKeepAlive {}",
+        probes + unseen == kernel.tcp_ext.keepalive_probes && unseen <= allowed,
+        "probes {probes} seen + {unseen} unseen vs TcpExt TCPKeepAlive {} (unseen allowed: \
+         {allowed}, from {hidden_runs} keepalive runs on top of PID 1's threads)",
         kernel.tcp_ext.keepalive_probes
     );
-    eprintln!(
-        "probes: kalive {probes} vs TCPKeepAlive {} (unseen {})",
-        kernel.tcp_ext.keepalive_probes,
-        kernel.tcp_ext.keepalive_probes - probes
-    );
+    if unseen > 0 {
+        eprintln!(
+            "probes: kalive {probes} seen + {unseen} unseen = TCPKeepAlive {}",
+            kernel.tcp_ext.keepalive_probes
+        );
+    }
     assert_eq!(
         count("kalive_keepalive_timeouts_total", &[]),
         kernel.tcp_ext.aborts_on_timeout,
@@ -373,6 +397,13 @@ fn prometheus_sees_the_kernels_counts_for_the_core_scenarios() {
         (
             format!("sum(kalive_keepalive_probes_sent_total{{netns=\"{ns}\"}})"),
             probes,
+        ),
+        (
+            format!(
+                "sum(kalive_keepalive_probes_sent_total{{netns=\"{ns}\"}}) + \
+                 (sum(kalive_keepalive_probes_unseen_total{{netns=\"{ns}\"}}) or vector(0))"
+            ),
+            kernel.tcp_ext.keepalive_probes,
         ),
         (
             format!("sum(kalive_keepalive_timeouts_total{{netns=\"{ns}\"}})"),

@@ -2,13 +2,16 @@
 //! stalled (SIGSTOP) while 400 keepalive connections send a probe a second each, so the kernel
 //! programs find the ring buffer full. Every lost record is counted
 //! (`kalive_events_lost_total{stage="ringbuf_full"}`), the probes in lost records are counted
-//! (`kalive_keepalive_probes_unreported_total`), the probes reported plus those equal TcpExt
-//! `TCPKeepAlive`, and the daemon recovers without a restart.
+//! (`kalive_keepalive_probes_unreported_total`) and, with the runs the host hid from BPF, found by
+//! the daemon's comparison with the namespace's counter (`kalive_keepalive_probes_unseen_total`):
+//! probes reported plus unseen equal TcpExt `TCPKeepAlive` exactly, and the daemon recovers
+//! without a restart.
 
 use std::time::{Duration, Instant};
 
 use kalive_testkit::{
-    daemon::{assert_probes_seen, metric_sum, DaemonProcess},
+    daemon::{metric_sum, DaemonProcess},
+    hidden_runs::{unseen_allowed, HiddenRuns, UNSEEN_CATCH_UP},
     netns::Netns,
     privilege::privileged,
     proc_net::{counter_delta, tcp_ext},
@@ -35,6 +38,7 @@ fn a_stalled_reader_loses_nothing_uncounted() {
             "64",
         ],
     );
+    let hidden = HiddenRuns::start();
     let netns = Netns::new();
     let netns_label = format!("netns=\"{}\"", netns.inum);
     let (before, pairs) = netns.run(|| {
@@ -63,12 +67,23 @@ fn a_stalled_reader_loses_nothing_uncounted() {
     daemon.signal(libc::SIGCONT);
     std::thread::sleep(Duration::from_secs(2));
     drop(pairs);
-    // Each close is reported; the loss counters are read once a second.
-    std::thread::sleep(Duration::from_millis(2_500));
     let sent = netns.run(|| counter_delta(&before, &tcp_ext(), "TCPKeepAlive"));
 
-    let (status, exposition) = daemon.get("/metrics");
-    assert_eq!(status, 200);
+    // The daemon compares its count with the namespace's TCPKeepAlive every second, from the
+    // kernel's count a round earlier: wait for it to account for every probe.
+    let probes =
+        |exposition: &str, name: &str| metric_sum(exposition, name, &[netns_label.as_str()]);
+    let deadline = Instant::now() + UNSEEN_CATCH_UP;
+    let exposition = loop {
+        let (status, exposition) = daemon.get("/metrics");
+        assert_eq!(status, 200);
+        let accounted = probes(&exposition, "kalive_keepalive_probes_sent_total")
+            + probes(&exposition, "kalive_keepalive_probes_unseen_total");
+        if accounted == sent || Instant::now() > deadline {
+            break exposition;
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    };
     let lost = metric_sum(
         &exposition,
         "kalive_events_lost_total",
@@ -78,16 +93,24 @@ fn a_stalled_reader_loses_nothing_uncounted() {
         lost > 0,
         "the stall filled the ring buffer: no loss counted"
     );
-    let reported = metric_sum(
-        &exposition,
-        "kalive_keepalive_probes_sent_total",
-        &[netns_label.as_str()],
-    );
+    let reported = probes(&exposition, "kalive_keepalive_probes_sent_total");
+    let unseen = probes(&exposition, "kalive_keepalive_probes_unseen_total");
     let unreported = metric_sum(&exposition, "kalive_keepalive_probes_unreported_total", &[]);
     assert!(unreported > 0, "records with probes were lost: {lost}");
-    // Reported plus counted as lost: what the kernel sent, but for the keepalive runs the timer
-    // programs now and then miss (docs/testing.md).
-    assert_probes_seen(reported + unreported, sent, test);
+    // Reported plus unseen: exactly what the kernel sent. Unseen: the probes in lost records,
+    // and the runs the host hid from BPF, within what ftrace saw it hide.
+    let hidden_runs = hidden.count();
+    let allowed = unreported + unseen_allowed(sent, hidden_runs);
+    assert!(
+        reported + unseen == sent && unseen >= unreported && unseen <= allowed,
+        "probes reported {reported} + unseen {unseen} vs TCPKeepAlive {sent}; unreported \
+         {unreported}; unseen allowed {allowed} ({hidden_runs} keepalive runs on top of PID 1's \
+         threads)"
+    );
+    eprintln!(
+        "{test}: probes reported {reported} + unseen {unseen} (of which {unreported} in lost \
+         records) = TCPKeepAlive {sent}"
+    );
 
     // Recovered: healthy, and a new connection's probes are seen.
     let deadline = Instant::now() + Duration::from_secs(5);

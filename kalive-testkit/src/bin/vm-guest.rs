@@ -274,7 +274,7 @@ fn run_mode(runtime: &tokio::runtime::Runtime, mode: HookMode) {
             .saturating_duration_since(Instant::now())
             .max(Duration::from_secs(1));
         let verdict = outcome.and_then(|(_netns, run)| {
-            scenarios::verify(&collector.shared, &run, wait)
+            scenarios::verify(&collector.shared, &run, wait, &|| 0)
                 .map_err(|mismatch| mismatch.to_string())
         });
         match verdict {
